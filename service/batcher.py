@@ -1,0 +1,402 @@
+"""The asyncio dynamic batcher: every batching decision is made here.
+
+Requests arrive as Jobs (their pairs already tokenized). The batcher keeps
+their pairs in one PendingQueue and, whenever a worker has room, plans a batch
+for it: the oldest waiting pair (interactive work first) plus the pairs of
+closest length, as many as fit the worker's token budget (rows x longest row,
+since rows are padded) and the row limit. A batch that is not full waits at
+most `max_wait_ms` for more work. Results come back through `scored` /
+`failed` (called by the pool) and are routed to their jobs.
+
+Everything here runs on the event loop thread; nothing blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import heapq
+import itertools
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from service.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
+from service.metrics import Metrics
+
+if TYPE_CHECKING:
+    from service.pool import Worker, WorkerPool
+
+INTERACTIVE, BATCH = 0, 1
+_job_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Job:
+    """The scoring work of one request, and where its scores go."""
+
+    rows: list[array]  # token ids per pair, in request order
+    priority: int = INTERACTIVE
+    deadline: float | None = None  # loop time by which it must be answered
+    stream: bool = False  # deliver scored indices batch by batch through `progress`
+    id: int = field(default_factory=lambda: next(_job_ids))
+
+    def __post_init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.progress: asyncio.Queue[list[int]] | None = asyncio.Queue() if self.stream else None
+        self.logits: list[float] = [0.0] * len(self.rows)
+        self.remaining = len(self.rows)
+        self.tokens = sum(len(row) for row in self.rows)
+        self.admitted_at = loop.time()
+        self.started_at = self.admitted_at  # when its latest batch began computing
+        self.compute_seconds = 0.0
+        self.items: list[_Pending] = []
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+    def _finish(self, error: ServiceError | None = None) -> None:
+        if self.future.done():
+            return
+        if error is None:
+            self.future.set_result(None)
+        else:
+            self.future.set_exception(error)
+        if self.progress is not None:
+            self.progress.put_nowait([])  # wakes a stream reader; the future says how it ended
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    job: Job
+    index: int
+    length: int
+    seq: int
+    enqueued_at: float
+    queued: bool = False
+    retried: bool = False
+
+
+class PendingQueue:
+    """Waiting pairs, by length (to group similar lengths) and by arrival per
+    priority (so that the oldest interactive pair anchors the next batch)."""
+
+    def __init__(self) -> None:
+        self._by_length: list[tuple[int, int]] = []
+        self._items: dict[int, _Pending] = {}
+        self._arrivals: tuple[OrderedDict[int, None], ...] = (OrderedDict(), OrderedDict())
+        self.tokens = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def push(self, item: _Pending, first: bool = False) -> None:
+        bisect.insort(self._by_length, (item.length, item.seq))
+        self._items[item.seq] = item
+        arrivals = self._arrivals[item.job.priority]
+        arrivals[item.seq] = None
+        if first:
+            arrivals.move_to_end(item.seq, last=False)
+        item.queued = True
+        self.tokens += item.length
+
+    def remove(self, item: _Pending) -> None:
+        if not item.queued:
+            return
+        del self._by_length[bisect.bisect_left(self._by_length, (item.length, item.seq))]
+        del self._items[item.seq]
+        del self._arrivals[item.job.priority][item.seq]
+        item.queued = False
+        self.tokens -= item.length
+
+    def oldest(self) -> _Pending | None:
+        for arrivals in self._arrivals:
+            if arrivals:
+                return self._items[next(iter(arrivals))]
+        return None
+
+    def plan(self, max_tokens: int, max_rows: int) -> tuple[list[_Pending], bool]:
+        """The next batch: the oldest pair, then the closest lengths that fit.
+
+        The second value says whether the batch is full: no other waiting pair
+        could join it. (It is computed, not taken: `remove` takes it.)
+        """
+        anchor = self.oldest()
+        if anchor is None:
+            return [], False
+        at = bisect.bisect_left(self._by_length, (anchor.length, anchor.seq))
+        left, right = at - 1, at + 1
+        chosen, width = [anchor], anchor.length
+        while len(chosen) < max_rows:
+            take_left = left >= 0 and (
+                right >= len(self._by_length)
+                or anchor.length - self._by_length[left][0] <= self._by_length[right][0] - anchor.length
+            )
+            if not take_left and right >= len(self._by_length):
+                return chosen, False  # every waiting pair is in
+            length, seq = self._by_length[left if take_left else right]
+            if (len(chosen) + 1) * max(width, length) > max_tokens:
+                if take_left:
+                    return chosen, True  # not even a shorter row fits
+                right = len(self._by_length)  # longer rows do not fit; shorter ones may
+                continue
+            chosen.append(self._items[seq])
+            width = max(width, length)
+            if take_left:
+                left -= 1
+            else:
+                right += 1
+        return chosen, True
+
+
+@dataclass(eq=False)
+class Batch:
+    """A batch on its way to, or on, a worker."""
+
+    id: int
+    items: list[_Pending]
+    padded_tokens: int
+    sent_at: float
+
+    @property
+    def rows(self) -> list[array]:
+        return [item.job.rows[item.index] for item in self.items]
+
+
+class Batcher:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        metrics: Metrics,
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue_pairs: int,
+        max_queue_tokens: int,
+    ) -> None:
+        self._pool = pool
+        self._metrics = metrics
+        self._max_rows = max_batch_size
+        self._max_wait = max_wait_ms / 1000
+        self._max_queue_pairs = max_queue_pairs
+        self._max_queue_tokens = max_queue_tokens
+        self._queue = PendingQueue()
+        self._seq = itertools.count()
+        self._batch_ids = itertools.count(1)
+        self._deadlines: list[tuple[float, int, Job]] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closed = False
+        self._batch_seconds = 0.0  # running mean of batch compute time, for "can it still finish?"
+        self.jobs: dict[int, Job] = {}
+
+    # -- requests ------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Admit a job or refuse it at once; its future resolves when it is done."""
+        if self._closed:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        if not self._pool.ready_count:
+            raise Unavailable("no worker is ready (the model is loading or a worker is restarting); retry shortly")
+        if job.tokens > self._max_queue_tokens:
+            raise InvalidArgument(f"the request has {job.tokens} tokens, more than the whole queue holds (max_queue_tokens={self._max_queue_tokens})")
+        if len(self._queue) + len(job.rows) > self._max_queue_pairs:
+            self._metrics.rejected.labels("queue_pairs").inc()
+            raise ResourceExhausted(
+                f"queue full: {len(self._queue)} pairs waiting + {len(job.rows)} in this request > max_queue_pairs={self._max_queue_pairs}; retry later"
+            )
+        if self._queue.tokens + job.tokens > self._max_queue_tokens:
+            self._metrics.rejected.labels("queue_tokens").inc()
+            raise ResourceExhausted(
+                f"queue full: {self._queue.tokens} tokens waiting + {job.tokens} in this request > max_queue_tokens={self._max_queue_tokens}; retry later"
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if job.deadline is not None:
+            if job.deadline <= now:
+                raise DeadlineExceeded("the deadline passed before the request was queued")
+            heapq.heappush(self._deadlines, (job.deadline, job.id, job))
+        self.jobs[job.id] = job
+        self._metrics.pairs_admitted.inc(len(job.rows))
+        job.future.add_done_callback(lambda _: self.jobs.pop(job.id, None))
+        for index, row in enumerate(job.rows):
+            item = _Pending(job, index, len(row), next(self._seq), now)
+            job.items.append(item)
+            self._queue.push(item)
+        self._queue_changed()
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: drop the job's queued pairs at once; pairs already
+        on a worker finish and are discarded."""
+        self._end(job, Cancelled("the call was cancelled"), "cancelled")
+
+    def _end(self, job: Job, error: ServiceError, outcome: str) -> None:
+        """Finish a job with `error`, counting its still-queued pairs under `outcome`."""
+        if job.done:
+            return
+        dropped = [item for item in job.items if item.queued]
+        for item in dropped:
+            self._queue.remove(item)
+        self._metrics.pairs.labels(outcome).inc(len(dropped))
+        job._finish(error)
+        self._queue_changed()
+
+    # -- the loop ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def close(self, error: ServiceError) -> None:
+        """Refuse new work, stop dispatching, and end every open job with `error`."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for job in list(self.jobs.values()):
+            self._end(job, error, "failed")
+
+    def refuse_new_work(self) -> None:
+        self._closed = True
+
+    async def _run(self) -> None:
+        while True:
+            self._wakeup.clear()
+            self._drop_hopeless()
+            delay = self._dispatch()
+            if delay is None:
+                await self._wakeup.wait()
+            elif delay > 0:
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), delay)
+                except TimeoutError:
+                    pass
+
+    def _dispatch(self) -> float | None:
+        """Send every batch that is ready; return how long until one may be."""
+        loop = asyncio.get_running_loop()
+        while len(self._queue):
+            worker = self._pool.least_loaded()
+            if worker is None:
+                break
+            items, full = self._queue.plan(worker.token_budget, self._max_rows)
+            waited = loop.time() - items[0].enqueued_at
+            if not full and waited < self._max_wait:
+                return self._next_deadline_in(self._max_wait - waited)
+            self._send(worker, items)
+        return self._next_deadline_in(None)
+
+    def _send(self, worker: Worker, items: list[_Pending]) -> None:
+        for item in items:
+            self._queue.remove(item)
+        width = max(item.length for item in items)
+        batch = Batch(next(self._batch_ids), items, len(items) * width, asyncio.get_running_loop().time())
+        m = self._metrics
+        m.batches.labels(worker.name).inc()
+        m.batch_size.observe(len(items))
+        m.batch_tokens.observe(batch.padded_tokens)
+        m.padded_tokens.inc(batch.padded_tokens)
+        self._queue_changed()
+        self._pool.submit(worker, batch)
+
+    # -- deadlines -------------------------------------------------------------------
+
+    def _drop_hopeless(self) -> None:
+        """End jobs whose deadline has passed, and queued jobs whose deadline is
+        closer than one batch takes: they could not finish in time."""
+        now = asyncio.get_running_loop().time()
+        while self._deadlines:
+            deadline, _, job = self._deadlines[0]
+            if not job.done and self._expiry(job, deadline) > now:
+                return
+            heapq.heappop(self._deadlines)
+            self._end(
+                job,
+                DeadlineExceeded(
+                    "the deadline passed before the request was answered"
+                    if deadline <= now
+                    else f"the deadline is {1000 * (deadline - now):.0f} ms away and a batch takes about "
+                    f"{1000 * self._batch_seconds:.0f} ms: it cannot finish in time"
+                ),
+                "expired",
+            )
+
+    def _expiry(self, job: Job, deadline: float) -> float:
+        waiting = any(item.queued for item in job.items)
+        return deadline - self._batch_seconds if waiting else deadline
+
+    def _next_deadline_in(self, delay: float | None) -> float | None:
+        if not self._deadlines:
+            return delay
+        deadline, _, job = self._deadlines[0]
+        until = self._expiry(job, deadline) - asyncio.get_running_loop().time()
+        return until if delay is None else min(delay, until)
+
+    # -- results (called by the pool) ------------------------------------------------
+
+    def scored(self, batch: Batch, logits: array, compute_seconds: float) -> None:
+        now = asyncio.get_running_loop().time()
+        self._batch_seconds = compute_seconds if not self._batch_seconds else 0.8 * self._batch_seconds + 0.2 * compute_seconds
+        progress: dict[Job, list[int]] = {}
+        discarded = 0
+        for item, logit in zip(batch.items, logits):
+            job = item.job
+            if job.done:
+                discarded += 1
+                continue
+            job.logits[item.index] = logit
+            job.remaining -= 1
+            progress.setdefault(job, []).append(item.index)
+        for job, indices in progress.items():
+            job.compute_seconds += compute_seconds
+            job.started_at = max(job.started_at, now - compute_seconds)
+            if job.progress is not None:
+                job.progress.put_nowait(indices)
+            if job.remaining == 0:
+                job._finish()
+        scored = len(batch.items) - discarded
+        self._metrics.pairs.labels("scored").inc(scored)
+        self._metrics.pairs.labels("discarded").inc(discarded)
+        self._metrics.tokens_scored.inc(sum(item.length for item in batch.items))
+        self._wakeup.set()
+
+    def failed(self, batch: Batch, error: ServiceError, retry: bool) -> None:
+        """A batch came back failed. With `retry` (its worker died) each pair gets one
+        more try on another worker; otherwise, or on a second failure, its job fails."""
+        if retry:
+            self._metrics.batch_retries.inc()
+        for item in reversed(batch.items):
+            job = item.job
+            if retry and not item.retried and not job.done:
+                item.retried = True
+                item.enqueued_at = 0.0  # overdue: dispatched as soon as a worker is free
+                self._queue.push(item, first=True)
+            else:
+                self._metrics.pairs.labels("failed").inc()
+                self._end(job, error, "failed")
+        self._queue_changed()
+
+    def workers_changed(self) -> None:
+        """With no worker left alive, nothing waiting can be served: fail it now."""
+        if not self._pool.alive_count:
+            for job in list(self.jobs.values()):
+                self._end(job, Unavailable("every worker has died; the pool is restarting them, retry shortly"), "failed")
+        self._wakeup.set()
+
+    def _queue_changed(self) -> None:
+        self._metrics.queue_pairs.set(len(self._queue))
+        self._metrics.queue_tokens.set(self._queue.tokens)
+        self._wakeup.set()
+
+    @property
+    def queued_pairs(self) -> int:
+        return len(self._queue)

@@ -1,0 +1,135 @@
+"""The `reranker` command: `serve` runs the service; `rerank`, `score`, `info` and
+`batch` call one; `demo-model` writes a tiny random model for trying things."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+
+from service.settings import add_arguments, build_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reranker", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gRPC service")
+    add_arguments(serve)
+
+    def client_command(name: str, help: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help)
+        command.add_argument("--target", default="localhost:50051", help="host:port of the service")
+        command.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+        command.add_argument("--token", default="", help="bearer token, if the service asks for one")
+        command.add_argument("--tls", action="store_true", help="use TLS (system roots, or --ca)")
+        command.add_argument("--ca", default="", help="PEM file of the CA to trust")
+        return command
+
+    rerank = client_command("rerank", help="rank documents for one query and print the ranking")
+    rerank.add_argument("--query", required=True)
+    rerank.add_argument("--doc", action="append", required=True, help="a document; repeat for each")
+    rerank.add_argument("--instruction", default="")
+    rerank.add_argument("--top-n", type=int, default=0)
+    rerank.add_argument("--json", action="store_true", help="print the response as JSON")
+
+    score = client_command("score", help="score one (query, document) pair")
+    score.add_argument("--query", required=True)
+    score.add_argument("--doc", required=True)
+    score.add_argument("--instruction", default="")
+
+    client_command("info", help="print the model and the server's limits")
+
+    batch = client_command("batch", help="rerank JSON lines {query, documents[, instruction, top_n, id]} from a file or stdin")
+    batch.add_argument("input", nargs="?", default="-", help="JSON-lines file; - for stdin")
+    batch.add_argument("--output", default="-", help="where to write the rankings as JSON lines; - for stdout")
+    batch.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    demo = commands.add_parser("demo-model", help="write a tiny random-weight Qwen3 reranker (real tokenizer) for trying the service")
+    demo.add_argument("directory")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        from service.server import run
+
+        try:
+            settings = build_settings(args)
+        except ValueError as exc:
+            parser.error(str(exc))
+        return run(settings)
+    if args.command == "demo-model":
+        from workers.demo import build_tiny_model
+
+        print(build_tiny_model(args.directory))
+        return 0
+    return _client_command(args)
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from service.client import RerankerClient, RerankerError
+
+    options = {"timeout": args.timeout, "token": args.token, "tls": args.tls or bool(args.ca)}
+    if args.ca:
+        options["root_certificates"] = open(args.ca, "rb").read()
+    try:
+        with RerankerClient(args.target, **options) as client:
+            if args.command == "rerank":
+                response = client.rerank(args.query, args.doc, instruction=args.instruction, top_n=args.top_n)
+                if args.json:
+                    print(json.dumps(MessageToDict(response), ensure_ascii=False, indent=2))
+                else:
+                    for rank, result in enumerate(response.results, 1):
+                        flag = " (truncated)" if result.truncated else ""
+                        print(f"{rank:>3}. score={result.score:.4f} logit={result.logit:+.4f}  [{result.index}] {args.doc[result.index][:80]!r}{flag}")
+            elif args.command == "score":
+                result = client.score([(args.query, args.doc)], instruction=args.instruction).results[0]
+                print(f"score={result.score:.6f} logit={result.logit:+.6f}")
+            elif args.command == "info":
+                print(json.dumps(MessageToDict(client.model_info()), indent=2))
+            elif args.command == "batch":
+                return _batch(client, args)
+    except RerankerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _batch(client, args: argparse.Namespace) -> int:
+    """Send every line over one RerankMany stream; write one JSON line per answer."""
+    from google.protobuf.json_format import MessageToDict
+    from tqdm import tqdm
+
+    from service.client import rerank_request
+
+    source = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
+    lines = [line for line in source if line.strip()]
+
+    def requests() -> Iterator:
+        for number, line in enumerate(lines, 1):
+            record = json.loads(line)
+            yield rerank_request(
+                record["query"],
+                record["documents"],
+                instruction=record.get("instruction", ""),
+                top_n=int(record.get("top_n", 0)),
+                request_id=str(record.get("id", number)),
+            )
+
+    sink = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
+    failures = 0
+    with tqdm(total=len(lines), disable=args.no_progress, file=sys.stderr, unit="req") as progress:
+        for response in client.rerank_many(requests(), timeout=max(args.timeout, 1.0) * max(1, len(lines))):
+            failures += response.HasField("error")
+            sink.write(json.dumps(MessageToDict(response), ensure_ascii=False) + "\n")
+            progress.update(1)
+    sink.flush()
+    if failures:
+        print(f"{failures} of {len(lines)} requests failed; see their error fields", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Server interceptors: the one place where errors become statuses, where each
+call gets its log line and metrics, and where bearer tokens are checked."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+import structlog
+
+from service.errors import ServiceError
+from service.metrics import Metrics
+
+log = structlog.get_logger("rpc")
+
+_RERANKER = "/reranker.v1.Reranker/"
+_HEALTH = "/grpc.health.v1.Health/"
+
+
+def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable, bool], Callable]) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour wrapped; `wrap(behaviour, streams_out)`."""
+    kinds = (
+        ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+        ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
+        ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
+        ("stream_stream", grpc.stream_stream_rpc_method_handler, True),
+    )
+    for attribute, make, streams_out in kinds:
+        behaviour = getattr(handler, attribute)
+        if behaviour is not None:
+            return make(
+                wrap(behaviour, streams_out),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    raise ValueError("handler has no behaviour")
+
+
+class ObservingInterceptor(grpc.aio.ServerInterceptor):
+    """Maps service errors to statuses (never leaking internals), and writes one
+    log line and the request metrics per Reranker call."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(_RERANKER):
+            return handler
+        rpc = details.method.removeprefix(_RERANKER)
+
+        def wrap(behaviour, streams_out: bool):
+            if streams_out:
+
+                async def streaming(request, context):
+                    async with self._observe(rpc, context):
+                        async for response in behaviour(request, context):
+                            yield response
+
+                return streaming
+
+            async def unary(request, context):
+                async with self._observe(rpc, context):
+                    return await behaviour(request, context)
+
+            return unary
+
+        return _rewrap(handler, wrap)
+
+    @contextlib.asynccontextmanager
+    async def _observe(self, rpc: str, context: grpc.aio.ServicerContext):
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(rpc=rpc)
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            yield
+        except ServiceError as exc:
+            code = exc.code
+            await context.abort(exc.code, exc.message)
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("rpc_crashed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
+        finally:
+            seconds = time.perf_counter() - start
+            self._metrics.requests.labels(rpc, code.name).inc()
+            self._metrics.request_seconds.labels(rpc).observe(seconds)
+            log.info("rpc", code=code.name, ms=round(1000 * seconds, 2))
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Bearer tokens (`authorization: Bearer <token>`), compared in constant time.
+    Health checks are exempt so that orchestrators can probe."""
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        self._tokens = [token.encode() for token in tokens]
+
+    def _accepts(self, metadata: Sequence[tuple[str, str]] | None) -> bool:
+        presented = next((value for key, value in metadata or () if key == "authorization"), "")
+        scheme, _, token = presented.partition(" ")
+        candidate = token.strip().encode() if scheme.lower() == "bearer" else b""
+        accepted = False
+        for known in self._tokens:  # no early exit: the time taken does not depend on which matched
+            accepted |= hmac.compare_digest(candidate, known)
+        return accepted
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(_HEALTH) or self._accepts(details.invocation_metadata):
+            return handler
+
+        def wrap(behaviour, streams_out: bool) -> Callable[..., Awaitable]:
+            async def refuse(request, context):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (metadata authorization: Bearer <token>)")
+
+            if streams_out:
+
+                async def refuse_streaming(request, context):
+                    await refuse(request, context)
+                    yield  # pragma: no cover - abort raised above
+
+                return refuse_streaming
+            return refuse
+
+        return _rewrap(handler, wrap)

@@ -1,0 +1,54 @@
+"""Prometheus metrics: names and labels follow Prometheus conventions (base
+units, `_total` counters, `_seconds` durations). README's "Operating" section
+lists them with what to watch."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_TOKEN_BUCKETS = tuple(2**i for i in range(6, 18))  # 64 .. 131072
+_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """One registry per server, so that tests can run several in one process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("reranker_requests_total", "Calls finished, by RPC and gRPC status code.", ["rpc", "code"], registry=r)
+        self.request_seconds = Histogram(
+            "reranker_request_duration_seconds", "Time from arrival to answer, by RPC.", ["rpc"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue_pairs = Gauge("reranker_queue_pairs", "Pairs waiting for a worker.", registry=r)
+        self.queue_tokens = Gauge("reranker_queue_tokens", "Tokens waiting for a worker.", registry=r)
+        self.rejected = Counter("reranker_rejected_total", "Requests refused at admission, by reason.", ["reason"], registry=r)
+        self.pairs_admitted = Counter("reranker_pairs_admitted_total", "Pairs admitted to the queue.", registry=r)
+        self.pairs = Counter(
+            "reranker_pairs_total",
+            "Pairs by outcome: scored, cancelled (dropped from the queue), discarded (scored after their call ended), "
+            "expired (deadline passed before dispatch), failed.",
+            ["outcome"],
+            registry=r,
+        )
+        self.tokens_scored = Counter("reranker_tokens_scored_total", "Real (unpadded) tokens scored.", registry=r)
+        self.padded_tokens = Counter("reranker_batch_padded_tokens_total", "Tokens computed, padding included (rows x longest row).", registry=r)
+        self.batches = Counter("reranker_batches_total", "Batches sent, by worker.", ["worker"], registry=r)
+        self.batch_size = Histogram("reranker_batch_size", "Rows per batch.", buckets=_ROW_BUCKETS, registry=r)
+        self.batch_tokens = Histogram("reranker_batch_tokens", "Padded tokens per batch.", buckets=_TOKEN_BUCKETS, registry=r)
+        self.batch_retries = Counter("reranker_batch_retries_total", "Batches re-queued after their worker died.", registry=r)
+        self.compute_seconds = Counter(
+            "reranker_worker_compute_seconds_total", "Seconds a worker spent computing; its rate is the busy fraction.", ["worker"], registry=r
+        )
+        self.worker_ready = Gauge("reranker_worker_ready", "1 when the worker has loaded and warmed up, else 0.", ["worker", "device"], registry=r)
+        self.worker_restarts = Counter("reranker_worker_restarts_total", "Worker processes restarted after dying.", ["worker"], registry=r)
+        self.worker_token_budget = Gauge(
+            "reranker_worker_token_budget", "Padded tokens per batch the worker is given (lowered after out-of-memory).", ["worker"], registry=r
+        )
+        self.model_load_seconds = Gauge("reranker_model_load_seconds", "Seconds the worker took to load and warm up its model.", ["worker"], registry=r)
+
+    def serve(self, port: int, host: str) -> int:
+        """Expose /metrics over HTTP from a background thread; returns the bound port."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port

@@ -1,0 +1,189 @@
+"""Every setting of the server, in one frozen dataclass.
+
+Each field is a command-line flag (`--max-batch-tokens`) and an environment
+variable (`RERANKER_MAX_BATCH_TOKENS`); a flag wins over the variable, the
+variable over the default. Nothing is read at import time: `main` builds one
+Settings and passes it down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from service.logs import LOG_FORMATS
+from workers.precision import PRECISIONS
+
+ENV_PREFIX = "RERANKER_"
+
+
+def _setting(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # The model
+    model: str = _setting("", "a checkpoint directory, or a hub id already in the local Hugging Face cache (required)")
+    revision: str = _setting("", "the hub revision to look up in the cache (default: the cache's main)")
+    device: str = _setting("auto", "auto (every visible GPU, else the CPU), cpu, cuda, or a list such as cuda:0,cuda:1")
+    workers_per_device: int = _setting(1, "worker processes (model copies) per device")
+    dtype: str = _setting("auto", "auto (bf16 on CUDA, fp32 on CPU) or one of " + ", ".join(PRECISIONS), choices=("auto", *PRECISIONS))
+    attn_implementation: str = _setting("sdpa", "attention kernels", choices=("sdpa", "eager"))
+    cpu_threads: int = _setting(0, "torch threads per CPU worker (0: the machine's cores shared among the CPU workers)")
+    max_length: int = _setting(8192, "tokens per pair, prompt included; longer documents are cut at their end")
+    # The network
+    host: str = _setting("0.0.0.0", "address to listen on")
+    port: int = _setting(50051, "gRPC port (0 picks a free one and logs it)")
+    metrics_port: int = _setting(9400, "Prometheus metrics port (0 turns the endpoint off)")
+    max_message_bytes: int = _setting(16 * 1024 * 1024, "largest request message")
+    max_concurrent_rpcs: int = _setting(1024, "calls served at once; more are refused with RESOURCE_EXHAUSTED")
+    max_concurrent_streams: int = _setting(256, "HTTP/2 streams per client connection")
+    max_requests_per_stream: int = _setting(256, "RerankMany requests in progress per stream; more wait (flow control)")
+    # Batching
+    max_batch_tokens: int = _setting(16384, "padded tokens (rows x longest row) per batch")
+    max_batch_size: int = _setting(64, "rows per batch")
+    max_wait_ms: float = _setting(2.0, "longest a partly filled batch waits for more work while a worker is free")
+    batches_in_flight: int = _setting(2, "batches queued on each worker, so that it never idles between batches")
+    # Admission
+    max_queue_pairs: int = _setting(16384, "pairs waiting for a worker; beyond it new requests get RESOURCE_EXHAUSTED")
+    max_queue_tokens: int = _setting(2_097_152, "tokens waiting for a worker; beyond it new requests get RESOURCE_EXHAUSTED")
+    max_documents_per_request: int = _setting(1000, "documents per Rerank request, pairs per Score request")
+    max_query_chars: int = _setting(32768, "characters per query, and per instruction")
+    max_document_chars: int = _setting(131072, "characters per document")
+    tokenizer_threads: int = _setting(2, "threads that tokenize requests off the event loop")
+    # Lifecycle
+    grace_period_s: float = _setting(30.0, "on SIGTERM, how long calls in flight may take to finish")
+    batch_timeout_s: float = _setting(300.0, "a worker that holds one batch longer than this is killed and restarted")
+    # Security
+    tls_cert: str = _setting("", "server certificate chain (PEM) to serve TLS")
+    tls_key: str = _setting("", "the certificate's private key (PEM)")
+    tls_client_ca: str = _setting("", "CA bundle (PEM) to require and verify client certificates (mutual TLS)")
+    auth_tokens_file: str = _setting("", "file of accepted bearer tokens, one per line (RERANKER_AUTH_TOKENS may list them too)")
+    auth_tokens: tuple[str, ...] = _setting((), "accepted bearer tokens, comma-separated (environment only)", env_only=True)
+    # Logging
+    log_format: str = _setting("auto", "json, console, or auto (console on a terminal)", choices=LOG_FORMATS)
+    log_level: str = _setting("info", "debug, info, warning or error", choices=("debug", "info", "warning", "error"))
+    # Testing only
+    faults: str = _setting("", "fault injection for tests, e.g. delay_ms=200,oom_above_tokens=512", env_only=True)
+
+    def __post_init__(self) -> None:
+        problems = list(self._problems())
+        if problems:
+            raise ValueError("invalid settings: " + "; ".join(problems))
+
+    def _problems(self):
+        if not self.model:
+            yield "model is required (--model or RERANKER_MODEL)"
+        for name in (
+            "workers_per_device", "max_length", "max_batch_tokens", "max_batch_size", "batches_in_flight",
+            "max_queue_pairs", "max_queue_tokens", "max_documents_per_request", "max_query_chars",
+            "max_document_chars", "tokenizer_threads", "max_message_bytes", "max_concurrent_rpcs",
+            "max_concurrent_streams", "max_requests_per_stream",
+        ):
+            if getattr(self, name) < 1:
+                yield f"{name} must be at least 1, got {getattr(self, name)}"
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                yield f"{name} must be a port number (0..65535), got {getattr(self, name)}"
+        if self.max_batch_tokens < self.max_length:
+            yield f"max_batch_tokens ({self.max_batch_tokens}) must hold one pair of max_length ({self.max_length})"
+        if self.max_queue_pairs < self.max_documents_per_request:
+            yield f"max_queue_pairs ({self.max_queue_pairs}) must hold one full request ({self.max_documents_per_request} documents)"
+        if self.max_wait_ms < 0 or self.grace_period_s < 0 or self.batch_timeout_s <= 0:
+            yield "max_wait_ms and grace_period_s must be >= 0, batch_timeout_s > 0"
+        if bool(self.tls_cert) != bool(self.tls_key):
+            yield "tls_cert and tls_key go together"
+        if self.tls_client_ca and not self.tls_cert:
+            yield "tls_client_ca (mutual TLS) needs tls_cert and tls_key"
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    def accepted_tokens(self) -> tuple[str, ...]:
+        """Bearer tokens from the environment and the tokens file; empty turns auth off."""
+        tokens = list(self.auth_tokens)
+        if self.auth_tokens_file:
+            with open(self.auth_tokens_file, encoding="utf-8") as handle:
+                tokens += [line.strip() for line in handle if line.strip() and not line.startswith("#")]
+        return tuple(tokens)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add a flag per setting (absent flags stay absent, so the environment can fill them)."""
+    for spec in dataclasses.fields(Settings):
+        if spec.metadata.get("env_only"):
+            continue
+        flag = "--" + spec.name.replace("_", "-")
+        env = ENV_PREFIX + spec.name.upper()
+        kind = type(spec.default)
+        parser.add_argument(
+            flag,
+            type=kind,
+            default=argparse.SUPPRESS,
+            choices=spec.metadata.get("choices"),
+            help=f"{spec.metadata['help']} [env {env}; default {spec.default!r}]",
+        )
+
+
+def build_settings(arguments: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Flags over RERANKER_* variables over defaults. Raises ValueError naming every bad value."""
+    environ = os.environ if environ is None else environ
+    flags = vars(arguments) if arguments is not None else {}
+    values = {}
+    for spec in dataclasses.fields(Settings):
+        env = ENV_PREFIX + spec.name.upper()
+        if spec.name in flags:
+            values[spec.name] = flags[spec.name]
+        elif env in environ:
+            values[spec.name] = _from_env(spec, environ[env])
+    return Settings(**values)
+
+
+def _from_env(spec: dataclasses.Field, text: str):
+    kind = type(spec.default)
+    if kind is tuple:
+        return tuple(item.strip() for item in text.split(",") if item.strip())
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{spec.name.upper()}={text!r} is not a valid {kind.__name__}") from None
+    choices = spec.metadata.get("choices")
+    if choices and value not in choices:
+        raise ValueError(f"{ENV_PREFIX}{spec.name.upper()}={text!r}; choose one of {', '.join(choices)}")
+    return value
+
+
+def parse_devices(device: str, cuda_count: int) -> list[str]:
+    """`auto`, `cpu`, `cuda` or a comma-separated list, given the visible GPU count."""
+    if device == "auto":
+        return [f"cuda:{i}" for i in range(cuda_count)] or ["cpu"]
+    if device == "cuda":
+        if not cuda_count:
+            raise ValueError("device cuda was asked for, but no GPU is visible")
+        return [f"cuda:{i}" for i in range(cuda_count)]
+    devices = [item.strip() for item in device.split(",") if item.strip()]
+    for item in devices:
+        if item == "cpu":
+            continue
+        index = item.removeprefix("cuda:")
+        if not item.startswith("cuda:") or not index.isdigit():
+            raise ValueError(f"device {item!r} is not cpu, cuda or cuda:N")
+        if int(index) >= cuda_count:
+            raise ValueError(f"device {item} was asked for, but {cuda_count} GPU(s) are visible")
+    return devices
+
+
+def summary(settings: Settings) -> dict[str, object]:
+    """Settings for the start-up log line, without secrets."""
+    hidden = {"auth_tokens", "faults"}
+    return {
+        spec.name: getattr(settings, spec.name)
+        for spec in dataclasses.fields(Settings)
+        if spec.name not in hidden
+    } | {"auth": bool(settings.auth_tokens or settings.auth_tokens_file)}
+

@@ -1,0 +1,129 @@
+"""The model card's prompt, and how (instruction, query, document) becomes token ids.
+
+This is the exact recipe of the Qwen3-Reranker model card: the system prefix,
+the suffix and the body are tokenized separately and concatenated, and a body
+that does not fit is cut at its end (the card's `truncation='longest_first'` on
+a single sequence). Tokenizing the body as one string matters: the space after
+`<Document>:` merges with the document's first word, so the head and the
+document cannot be tokenized apart.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer
+
+SYSTEM_PREFIX = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
+    'and the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
+    "<|im_start|>user\n"
+)
+SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+# The card's max_length: prefix + body + suffix, in tokens.
+DEFAULT_MAX_LENGTH = 8192
+
+
+def format_body(instruction: str, query: str, document: str) -> str:
+    """The card's `format_instruction`."""
+    return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
+
+
+class PromptTooLong(ValueError):
+    """The query and instruction leave no room for any document token, or a
+    document does not fit and truncation was refused."""
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """One pair as the model reads it: prefix + body + suffix token ids."""
+
+    ids: array  # array('i')
+    truncated: bool
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+class PromptEncoder:
+    """Turns triples into token ids with the checkpoint's own tokenizer.
+
+    Thread-safe: `encode` only reads the tokenizer, so the front end calls it
+    from a thread pool.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, max_length: int = DEFAULT_MAX_LENGTH) -> None:
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        self._tokenizer = tokenizer
+        self.prefix_ids = tokenizer.encode(SYSTEM_PREFIX, add_special_tokens=False).ids
+        self.suffix_ids = tokenizer.encode(SUFFIX, add_special_tokens=False).ids
+        self.max_length = max_length
+        # Tokens left for the body once the fixed prompt is in.
+        self.body_budget = max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        if self.body_budget < 1:
+            raise ValueError(
+                f"max_length {max_length} leaves no room: the prompt alone takes "
+                f"{len(self.prefix_ids) + len(self.suffix_ids)} tokens"
+            )
+
+    @property
+    def fixed_tokens(self) -> int:
+        """Tokens of the prompt that every pair carries."""
+        return len(self.prefix_ids) + len(self.suffix_ids)
+
+    def encode(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        instruction: str = "",
+        truncate: bool = True,
+    ) -> list[EncodedPair]:
+        """Encode (query, document) pairs that share one instruction.
+
+        Raises PromptTooLong when a query and the instruction alone fill the
+        budget, or, with `truncate=False`, when a pair does not fit.
+        """
+        instruction = instruction or DEFAULT_INSTRUCTION
+        self._check_heads(instruction, {query for query, _ in pairs})
+        bodies = self._tokenizer.encode_batch(
+            [format_body(instruction, query, document) for query, document in pairs],
+            add_special_tokens=False,
+        )
+        encoded = []
+        for position, body in enumerate(bodies):
+            ids = body.ids
+            truncated = len(ids) > self.body_budget
+            if truncated and not truncate:
+                raise PromptTooLong(
+                    f"document {position} needs {len(ids) + self.fixed_tokens} tokens, more than "
+                    f"max_length {self.max_length}, and truncation was refused (TRUNCATION_NONE)"
+                )
+            full = array("i", self.prefix_ids)
+            full.extend(ids[: self.body_budget] if truncated else ids)
+            full.extend(self.suffix_ids)
+            encoded.append(EncodedPair(full, truncated))
+        return encoded
+
+    def _check_heads(self, instruction: str, queries: set[str]) -> None:
+        # The body up to "<Document>:" tokenizes the same with any document after it
+        # (the space that follows merges into the document's first token).
+        for query in queries:
+            head = format_body(instruction, query, "")[:-1]
+            head_tokens = len(self._tokenizer.encode(head, add_special_tokens=False).ids)
+            if head_tokens >= self.body_budget:
+                raise PromptTooLong(
+                    f"the query and instruction take {head_tokens + self.fixed_tokens} tokens with the "
+                    f"prompt, leaving no room for a document within max_length {self.max_length}"
+                )
+
+
+def answer_token_ids(tokenizer: Tokenizer) -> tuple[int, int]:
+    """The ids of "yes" and "no" in this checkpoint's vocabulary."""
+    ids = tokenizer.token_to_id("yes"), tokenizer.token_to_id("no")
+    if None in ids:
+        raise ValueError('the tokenizer has no single token "yes" or "no": not a Qwen3-Reranker checkpoint')
+    return ids
