@@ -128,27 +128,28 @@ class PendingQueue:
     def plan(self, max_tokens: int, max_rows: int) -> tuple[list[_Pending], bool]:
         """The next batch: the oldest pair, then the closest lengths that fit.
 
-        The second value says whether the batch is full: no other waiting pair
-        could join it. (It is computed, not taken: `remove` takes it.)
+        The second value says whether the batch is full: at the row limit, or a
+        waiting pair did not fit (waiting longer would not help). Nothing is
+        taken from the queue; `remove` does that.
         """
         anchor = self.oldest()
         if anchor is None:
             return [], False
         at = bisect.bisect_left(self._by_length, (anchor.length, anchor.seq))
         left, right = at - 1, at + 1
-        chosen, width = [anchor], anchor.length
+        chosen, width, refused = [anchor], anchor.length, False
         while len(chosen) < max_rows:
             take_left = left >= 0 and (
                 right >= len(self._by_length)
                 or anchor.length - self._by_length[left][0] <= self._by_length[right][0] - anchor.length
             )
             if not take_left and right >= len(self._by_length):
-                return chosen, False  # every waiting pair is in
+                return chosen, refused
             length, seq = self._by_length[left if take_left else right]
             if (len(chosen) + 1) * max(width, length) > max_tokens:
                 if take_left:
-                    return chosen, True  # not even a shorter row fits
-                right = len(self._by_length)  # longer rows do not fit; shorter ones may
+                    return chosen, True  # not even a shorter pair fits
+                refused, right = True, len(self._by_length)  # longer pairs do not fit; shorter ones may
                 continue
             chosen.append(self._items[seq])
             width = max(width, length)

@@ -1,0 +1,209 @@
+"""Starting the real server for integration tests: a subprocess on a loopback
+port with real worker processes, reached through the generated stubs. Its log
+is kept and printed when a test fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from reranker.v1 import reranker_pb2_grpc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    lines: list[dict] = field(default_factory=list)
+    raw: list[str] = field(default_factory=list)
+    port: int = 0
+    metrics_port: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def channel(self, **options) -> grpc.Channel:
+        return grpc.insecure_channel(self.address, options=list(options.items()))
+
+    def stub(self) -> reranker_pb2_grpc.RerankerStub:
+        return reranker_pb2_grpc.RerankerStub(self.channel())
+
+    def events(self, name: str) -> list[dict]:
+        return [line for line in list(self.lines) if line.get("event") == name]
+
+    def wait_for_event(self, name: str, timeout: float = 60.0, count: int = 1) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.events(name)
+            if len(found) >= count:
+                return found
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no {count} log event(s) {name!r} within {timeout}s; exit code {self.process.poll()}")
+
+    def health(self, service: str = "") -> int:
+        with self.channel() as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+    def wait_serving(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode} before serving")
+            try:
+                if self.health() == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("server did not become SERVING in time")
+
+    def metrics(self) -> dict[str, float]:
+        """The Prometheus exposition, as {'name{labels}': value}."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
+
+    def metric(self, name: str, **labels) -> float:
+        """Sum of a metric's samples whose labels include `labels`."""
+        total = 0.0
+        for key, value in self.metrics().items():
+            base, _, rest = key.partition("{")
+            if base != name:
+                continue
+            if all(f'{k}="{v}"' in rest for k, v in labels.items()):
+                total += value
+        return total
+
+    def worker_pids(self) -> list[int]:
+        return children(self.process.pid, "spawn_main")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError("server did not stop within the timeout after SIGTERM")
+        return self.process.returncode
+
+    def log_text(self) -> str:
+        return "\n".join(self.raw[-400:])
+
+
+def children(pid: int, marker: str = "") -> list[int]:
+    """Direct children of `pid` whose command line contains `marker`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                command = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+        if parent == pid and marker in command:
+            found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(model, *args: str, env: dict | None = None, wait: bool = True) -> Server:
+    command = [
+        sys.executable, "-m", "service", "serve",
+        "--model", str(model), "--host", "127.0.0.1", "--port", "0", "--metrics-port", str(free_port()),
+        "--device", "cpu", "--log-format", "json", *args,
+    ]
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = Server(process)
+
+    def pump() -> None:
+        for line in process.stdout:
+            server.raw.append(line.rstrip())
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == "serving":
+                server.port = record["port"]
+            if record.get("event") == "metrics_listening":
+                server.metrics_port = record["port"]
+            server.lines.append(record)
+
+    threading.Thread(target=pump, daemon=True).start()
+    server.wait_for_event("serving")
+    if wait:
+        server.wait_serving()
+    return server
+
+
+@pytest.fixture
+def server_factory(request):
+    """Start servers with any flags; each is stopped (SIGTERM, exit 0 expected) after the test."""
+    started: list[Server] = []
+
+    def factory(model, *args: str, **kwargs) -> Server:
+        server = start_server(model, *args, **kwargs)
+        started.append(server)
+        return server
+
+    yield factory
+    failed = request.node.rep_call.failed if hasattr(request.node, "rep_call") else False
+    for server in started:
+        server.stop()
+        if failed:
+            print(f"\n----- server log (exit {server.process.returncode}) -----\n{server.log_text()}")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    """One shared server: two CPU worker processes, the tiny model."""
+    srv = start_server(tiny_model, "--workers-per-device", "2", "--cpu-threads", "1")
+    yield srv
+    code = srv.stop()
+    assert code == 0, srv.log_text()
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, "rep_" + report.when, report)

@@ -1,0 +1,126 @@
+"""Batch planning: token budget, row limit, length grouping, oldest-first, priorities."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from array import array
+
+import pytest
+
+from service.batcher import BATCH, INTERACTIVE, Job, PendingQueue, _Pending
+
+_seq = itertools.count()
+
+
+def queue_of(lengths: list[int], priority: int = INTERACTIVE, queue: PendingQueue | None = None) -> tuple[PendingQueue, Job]:
+    queue = queue or PendingQueue()
+    job = Job(rows=[array("i", [1] * n) for n in lengths], priority=priority)
+    for index, length in enumerate(lengths):
+        item = _Pending(job, index, length, next(_seq), 0.0)
+        job.items.append(item)
+        queue.push(item)
+    return queue, job
+
+
+def in_loop(test):
+    def wrapper(*args, **kwargs):
+        async def body():
+            return test(*args, **kwargs)
+
+        return asyncio.run(body())
+
+    wrapper.__name__ = test.__name__
+    return wrapper
+
+
+@in_loop
+def test_budget_counts_padding():
+    queue, _ = queue_of([100, 100, 100, 400])
+    batch, full = queue.plan(max_tokens=400, max_rows=64)
+    assert [item.length for item in batch] == [100, 100, 100]  # 4 x 100 would fit, but 4 x 400 would not
+    assert full  # the 400-token pair waits for the next batch; waiting longer would not help
+
+
+@in_loop
+def test_row_limit_and_full_flag():
+    queue, _ = queue_of([10] * 10)
+    batch, full = queue.plan(max_tokens=10_000, max_rows=4)
+    assert len(batch) == 4 and full
+    queue2, _ = queue_of([10] * 3)
+    batch, full = queue2.plan(max_tokens=10_000, max_rows=4)
+    assert len(batch) == 3 and not full  # room left: worth waiting a little for more
+
+
+@in_loop
+def test_groups_similar_lengths_around_the_oldest():
+    queue, _ = queue_of([50, 400, 52, 410, 49, 405, 51])
+    batch, _ = queue.plan(max_tokens=100_000, max_rows=4)
+    assert sorted(item.length for item in batch) == [49, 50, 51, 52]
+    assert batch[0].length == 50  # the oldest anchors the batch
+
+
+@in_loop
+def test_oldest_goes_first_even_when_long():
+    queue, _ = queue_of([900])
+    queue_of([10] * 50, queue=queue)
+    batch, full = queue.plan(max_tokens=1000, max_rows=64)
+    assert [item.length for item in batch] == [900] and full  # no starvation of long pairs
+
+
+@in_loop
+def test_a_row_longer_than_the_budget_still_goes_alone():
+    queue, _ = queue_of([5000, 10])
+    batch, full = queue.plan(max_tokens=1000, max_rows=64)
+    assert [item.length for item in batch] == [5000] and full
+
+
+@in_loop
+def test_interactive_before_batch():
+    queue, _ = queue_of([10, 10], priority=BATCH)
+    queue_of([300], priority=INTERACTIVE, queue=queue)
+    batch, _ = queue.plan(max_tokens=300, max_rows=64)
+    assert [item.job.priority for item in batch] == [INTERACTIVE]
+
+
+@in_loop
+def test_remove_and_counts():
+    queue, job = queue_of([10, 20, 30])
+    assert len(queue) == 3 and queue.tokens == 60
+    queue.remove(job.items[1])
+    queue.remove(job.items[1])  # twice is harmless
+    assert len(queue) == 2 and queue.tokens == 40
+    batch, _ = queue.plan(max_tokens=1000, max_rows=64)
+    assert sorted(item.length for item in batch) == [10, 30]
+
+
+@in_loop
+def test_first_puts_a_retried_pair_at_the_front():
+    queue, job = queue_of([10, 20])
+    retried = job.items[1]
+    queue.remove(retried)
+    queue.push(retried, first=True)
+    assert queue.oldest() is retried
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_plans_always_respect_the_limits(seed):
+    import random
+
+    rng = random.Random(seed)
+
+    @in_loop
+    def check():
+        queue, _ = queue_of([rng.randint(1, 600) for _ in range(300)])
+        taken = 0
+        while len(queue):
+            batch, _ = queue.plan(max_tokens=2048, max_rows=16)
+            width = max(item.length for item in batch)
+            assert len(batch) <= 16
+            assert len(batch) == 1 or len(batch) * width <= 2048
+            for item in batch:
+                queue.remove(item)
+            taken += len(batch)
+        assert taken == 300 and queue.tokens == 0
+
+    check()

@@ -1,0 +1,137 @@
+"""Scores: equal to the model card's recipe, unchanged by padding, close in every precision."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tests.reference import Recipe
+from tests.texts import DOCUMENTS, INSTRUCTIONS, QUERIES
+from workers.prompt import PromptEncoder
+from workers.scoring import load_scorer
+
+
+def encode(model_dir, pairs, instruction="", max_length=8192):
+    from tokenizers import Tokenizer
+
+    encoder = PromptEncoder(Tokenizer.from_file(str(model_dir / "tokenizer.json")), max_length)
+    return encoder.encode(pairs, instruction)
+
+
+def run(scorer, encoded):
+    rows = [pair.ids for pair in encoded]
+    ids = torch.tensor([i for row in rows for i in row], dtype=torch.int32)
+    logits, _ = scorer.score([len(row) for row in rows], ids)
+    return logits.tolist()
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_model):
+    return load_scorer(str(tiny_model), "cpu", "fp32")
+
+
+@functools.cache
+def recipe(model_dir, max_length):
+    return Recipe(model_dir, max_length=max_length)
+
+
+@functools.cache
+def recipe_scores(model_dir, max_length, instruction, query):
+    """The recipe's (probability, logit) per document of DOCUMENTS (slow: full logits)."""
+    return recipe(model_dir, max_length).scores(instruction, query, DOCUMENTS)
+
+
+@pytest.mark.parametrize("max_length", [8192, 200])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_fp32_equals_the_recipe(tiny_model, max_length, attn):
+    scorer = load_scorer(str(tiny_model), "cpu", "fp32", attn)
+    for instruction, query in zip(INSTRUCTIONS, QUERIES):  # default and custom instructions, three languages
+        expected = recipe_scores(tiny_model, max_length, instruction, query)
+        # one mixed-length batch, as the batcher would send
+        logits = run(scorer, encode(tiny_model, [(query, d) for d in DOCUMENTS], instruction or "", max_length))
+        for (probability, logit), ours in zip(expected, logits):
+            assert ours == pytest.approx(logit, abs=1e-4)
+            assert 1 / (1 + math.exp(-ours)) == pytest.approx(probability, abs=1e-5)
+
+
+def test_untied_head_equals_the_recipe(untied_model):
+    recipe = Recipe(untied_model)
+    scorer = load_scorer(str(untied_model), "cpu", "fp32")
+    expected = [logit for _, logit in recipe.scores(None, QUERIES[0], DOCUMENTS)]
+    assert run(scorer, encode(untied_model, [(QUERIES[0], d) for d in DOCUMENTS])) == pytest.approx(expected, abs=1e-4)
+
+
+def test_padding_never_changes_a_score(tiny_model, fp32):
+    pairs = [(QUERIES[0], d) for d in DOCUMENTS]
+    encoded = encode(tiny_model, pairs)
+    alone = [run(fp32, [pair])[0] for pair in encoded]
+    together = run(fp32, encoded)
+    reversed_batch = run(fp32, encoded[::-1])[::-1]
+    shortest_with_longest = run(fp32, [encoded[-1], encoded[21]])  # ~300 tokens beside an empty document
+    assert together == pytest.approx(alone, abs=1e-5)
+    assert reversed_batch == pytest.approx(alone, abs=1e-5)
+    assert shortest_with_longest == pytest.approx([alone[-1], alone[21]], abs=1e-5)
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the widest last dimension of any tensor an op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.widest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor) and tensor.dim():
+                self.widest = max(self.widest, tensor.shape[-1])
+        return out
+
+
+def test_no_vocabulary_sized_logits(tiny_model, fp32):
+    encoded = encode(tiny_model, [(QUERIES[0], d) for d in DOCUMENTS[:4]])
+    with _LargestOutput() as recorder:
+        run(fp32, encoded)
+    assert 0 < recorder.widest < fp32.vocab_size, "a vocabulary-wide tensor was computed"
+    # the control: the recipe's forward does produce one
+    recipe = Recipe(tiny_model)
+    with _LargestOutput() as control, torch.no_grad():
+        recipe.model(**recipe.process_inputs(["x"]))
+    assert control.widest == fp32.vocab_size
+
+
+def test_out_of_memory_splits_the_batch(tiny_model, fp32):
+    encoded = encode(tiny_model, [(QUERIES[0], d) for d in DOCUMENTS])
+    expected = run(fp32, encoded)
+    rows = [pair.ids for pair in encoded]
+    ids = torch.tensor([i for row in rows for i in row], dtype=torch.int32)
+    fp32.oom_above_tokens = 2000
+    try:
+        logits, budget = fp32.score([len(row) for row in rows], ids)
+        assert logits.tolist() == pytest.approx(expected, abs=1e-5)
+        assert 0 < budget <= 2000
+        with pytest.raises(torch.OutOfMemoryError):
+            fp32.oom_above_tokens = 10
+            fp32.score([len(rows[0])], torch.tensor(list(rows[0]), dtype=torch.int32))
+    finally:
+        fp32.oom_above_tokens = 0
+
+
+def test_ids_outside_the_vocabulary_are_refused(fp32):
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        fp32.score([2], torch.tensor([5, fp32.vocab_size], dtype=torch.int32))
+
+
+def test_memory_footprint_is_reported(fp32):
+    parameters = sum(p.numel() for p in fp32.backbone.parameters())
+    assert fp32.memory_bytes >= parameters * 4
+    assert fp32.precision == "fp32"
+
+
+def test_unknown_precision_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="unknown precision 'int4'"):
+        load_scorer(str(tiny_model), "cpu", "int4")
