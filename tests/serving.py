@@ -4,6 +4,7 @@ is kept and printed when a test fails."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -27,8 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @dataclass
 class Server:
     process: subprocess.Popen
-    lines: list[dict] = field(default_factory=list)
-    raw: list[str] = field(default_factory=list)
+    # Bounded, so that a long load run does not grow without end.
+    lines: collections.deque = field(default_factory=lambda: collections.deque(maxlen=50_000))
+    raw: collections.deque = field(default_factory=lambda: collections.deque(maxlen=50_000))
     port: int = 0
     metrics_port: int = 0
 
@@ -110,7 +112,7 @@ class Server:
         return self.process.returncode
 
     def log_text(self) -> str:
-        return "\n".join(self.raw[-400:])
+        return "\n".join(list(self.raw)[-400:])
 
 
 def children(pid: int, marker: str = "") -> list[int]:

