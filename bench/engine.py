@@ -119,6 +119,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--skip-card", action="store_true", help="skip the slow full-logits contender")
+    parser.add_argument("--reference-rows", type=int, default=0, help="also score the first N pairs in fp32 (card, last position) and report each contender's distance to it")
     parser.add_argument("--json", default="", help="also write the figures to this file")
     args = parser.parse_args(argv)
 
@@ -168,6 +169,12 @@ def main(argv=None) -> dict:
     }
     if sync:
         report["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if args.reference_rows:
+        count = min(args.reference_rows, len(rows))
+        truth = card(model.float(), rows[:count], args.batch_size, pad_id, True, False, yes, no)
+        report[f"max_abs_logit_diff_vs_fp32_first_{count}"] = {
+            name: round(max(abs(a - b) for a, b in zip(values[:count], truth)), 5) for name, values in results.items()
+        }
     print(json.dumps(report, indent=2))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(report, indent=2))

@@ -44,8 +44,8 @@ class Settings:
     max_concurrent_streams: int = _setting(256, "HTTP/2 streams per client connection")
     max_requests_per_stream: int = _setting(256, "RerankMany requests in progress per stream; more wait (flow control)")
     # Batching
-    max_batch_tokens: int = _setting(16384, "padded tokens (rows x longest row) per batch")
-    max_batch_size: int = _setting(64, "rows per batch")
+    max_batch_tokens: int = _setting(32768, "padded tokens (rows x longest row) per batch")
+    max_batch_size: int = _setting(256, "rows per batch")
     max_wait_ms: float = _setting(2.0, "longest a partly filled batch waits for more work while a worker is free")
     batches_in_flight: int = _setting(2, "batches queued on each worker, so that it never idles between batches")
     # Admission

@@ -25,7 +25,10 @@ SECRET = "SENTINEL-never-in-logs-7f3a"
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    srv = start_server(tiny_model, "--workers-per-device", "2", "--cpu-threads", "1", "--max-length", str(MAX_LENGTH))
+    srv = start_server(
+        tiny_model, "--workers-per-device", "2", "--cpu-threads", "1", "--max-length", str(MAX_LENGTH),
+        "--max-batch-size", "64", "--max-batch-tokens", "16384",
+    )
     yield srv
     assert srv.stop() == 0, srv.log_text()
 
