@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from service.errors import (
-    Cancelled,
     DeadlineExceeded,
     InvalidArgument,
     ResourceExhausted,
@@ -65,10 +64,14 @@ class Job:
     def done(self) -> bool:
         return self.future.done()
 
-    def _finish(self, error: ServiceError | None = None) -> None:
+    def _finish(self, error: ServiceError | None = None, cancel: bool = False) -> None:
+        """Resolve the future: scored, failed with `error`, or (`cancel`) cancelled,
+        which nobody awaits any more and so must not carry an exception."""
         if self.future.done():
             return
-        if error is None:
+        if cancel:
+            self.future.cancel()
+        elif error is None:
             self.future.set_result(None)
         else:
             self.future.set_exception(error)
@@ -238,18 +241,19 @@ class Batcher:
 
     def cancel(self, job: Job) -> None:
         """The client went away: drop the job's queued pairs at once; pairs already
-        on a worker finish and are discarded."""
-        self._end(job, Cancelled("the call was cancelled"), "cancelled")
+        on a worker finish and are discarded. A no-op for a finished job."""
+        self._end(job, None, "cancelled")
 
-    def _end(self, job: Job, error: ServiceError, outcome: str) -> None:
-        """Finish a job with `error`, counting its still-queued pairs under `outcome`."""
+    def _end(self, job: Job, error: ServiceError | None, outcome: str) -> None:
+        """Finish a job with `error` (None: cancelled), counting its still-queued
+        pairs under `outcome`."""
         if job.done:
             return
         dropped = [item for item in job.items if item.queued]
         for item in dropped:
             self._queue.remove(item)
         self._metrics.pairs.labels(outcome).inc(len(dropped))
-        job._finish(error)
+        job._finish(error, cancel=error is None)
         self._queue_changed()
 
     # -- the loop ------------------------------------------------------------------

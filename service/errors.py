@@ -36,9 +36,5 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-class Cancelled(ServiceError):
-    code = grpc.StatusCode.CANCELLED
-
-
 class Internal(ServiceError):
     code = grpc.StatusCode.INTERNAL

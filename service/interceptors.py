@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import grpc
 import structlog
 
-from service.errors import ServiceError
+from service.errors import InvalidArgument, ServiceError
 from service.metrics import Metrics
 
 log = structlog.get_logger("rpc")
@@ -21,7 +21,11 @@ _RERANKER = "/reranker.v1.Reranker/"
 _HEALTH = "/grpc.health.v1.Health/"
 
 
-def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable, bool], Callable]) -> grpc.RpcMethodHandler:
+def _rewrap(
+    handler: grpc.RpcMethodHandler,
+    wrap: Callable[[Callable, bool], Callable],
+    request_deserializer: Callable | None = None,
+) -> grpc.RpcMethodHandler:
     """The same handler with its behaviour wrapped; `wrap(behaviour, streams_out)`."""
     kinds = (
         ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
@@ -34,10 +38,39 @@ def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable, bool], Cal
         if behaviour is not None:
             return make(
                 wrap(behaviour, streams_out),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=request_deserializer or handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
     raise ValueError("handler has no behaviour")
+
+
+class _Undecodable:
+    """Stands in for a request message that could not be parsed, so that the call
+    ends with INVALID_ARGUMENT instead of grpc's UNKNOWN."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserialize: Callable) -> Callable:
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError and its kin: bad bytes from the client
+            return _Undecodable(exc)
+
+    return parse
+
+
+def _check(request):
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(f"the request message could not be parsed: {request.error}")
+    return request
+
+
+async def _checked(requests):
+    async for request in requests:
+        yield _check(request)
 
 
 class ObservingInterceptor(grpc.aio.ServerInterceptor):
@@ -52,24 +85,25 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(_RERANKER):
             return handler
         rpc = details.method.removeprefix(_RERANKER)
+        check = _checked if handler.request_streaming else _check
 
         def wrap(behaviour, streams_out: bool):
             if streams_out:
 
                 async def streaming(request, context):
                     async with self._observe(rpc, context):
-                        async for response in behaviour(request, context):
+                        async for response in behaviour(check(request), context):
                             yield response
 
                 return streaming
 
             async def unary(request, context):
                 async with self._observe(rpc, context):
-                    return await behaviour(request, context)
+                    return await behaviour(check(request), context)
 
             return unary
 
-        return _rewrap(handler, wrap)
+        return _rewrap(handler, wrap, _lenient(handler.request_deserializer))
 
     @contextlib.asynccontextmanager
     async def _observe(self, rpc: str, context: grpc.aio.ServicerContext):

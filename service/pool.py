@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -74,6 +75,7 @@ class WorkerPool:
         self._batches_in_flight = batches_in_flight
         self._batch_timeout = batch_timeout_s
         self._batcher: Batcher | None = None
+        self._on_change: Callable[[], None] = lambda: None
         self._tasks: list[asyncio.Task] = []
         self._first_load: asyncio.Future[None] | None = None
         self._stopping = False
@@ -100,9 +102,11 @@ class WorkerPool:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    async def start(self, batcher: Batcher) -> None:
-        """Spawn every worker; returns at once. `wait_ready` waits for the models."""
+    async def start(self, batcher: Batcher, on_change: Callable[[], None] = lambda: None) -> None:
+        """Spawn every worker; returns at once. `wait_ready` waits for the models.
+        `on_change` is called whenever a worker becomes ready or dies."""
         self._batcher = batcher
+        self._on_change = on_change
         self._first_load = asyncio.get_running_loop().create_future()
         for worker in self.workers:
             self._tasks.append(asyncio.create_task(self._supervise(worker), name=f"worker-{worker.name}"))
@@ -129,7 +133,12 @@ class WorkerPool:
         attempt = 0
         while not self._stopping:
             started = asyncio.get_running_loop().time()
-            reason = await self._run_once(worker)
+            try:
+                reason = await self._run_once(worker)
+            except Exception as exc:  # a bug here must not leave this worker's batches hanging
+                log.exception("worker_supervision_failed", worker_id=worker.spec.worker_id)
+                worker.process.kill()
+                reason = f"supervision failed: {type(exc).__name__}"
             if self._stopping:
                 return
             self._worker_died(worker, reason)
@@ -158,7 +167,8 @@ class WorkerPool:
                 try:
                     header = await asyncio.wait_for(reader.readexactly(protocol.FRAME_HEADER.size), timeout)
                     payload = await reader.readexactly(protocol.FRAME_HEADER.unpack(header)[0])
-                except asyncio.IncompleteReadError:
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    # EOF, or a reset seen first by a write to the dead process
                     return await self._exit_reason(worker)
                 except TimeoutError:
                     worker.process.kill()
@@ -209,6 +219,7 @@ class WorkerPool:
         if self.ready_count == len(self.workers) and not self._first_load.done():
             self._first_load.set_result(None)
         self._batcher.workers_changed()
+        self._on_change()
 
     def _lower_budget(self, worker: Worker, fitted: int) -> None:
         worker.token_budget = min(worker.token_budget, fitted)
@@ -229,6 +240,7 @@ class WorkerPool:
         for batch in batches:
             self._batcher.failed(batch, Unavailable(f"worker {worker.name} died while scoring this request, twice; retry"), retry=True)
         self._batcher.workers_changed()
+        self._on_change()
 
     async def _exit_reason(self, worker: Worker) -> str:
         await asyncio.to_thread(worker.process.join, 5)

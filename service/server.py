@@ -91,13 +91,14 @@ async def _serve(settings: Settings) -> int:
         max_queue_pairs=settings.max_queue_pairs,
         max_queue_tokens=settings.max_queue_tokens,
     )
+    health_servicer = health.aio.HealthServicer()
+    serving = _HealthTracker(health_servicer, pool)
     # Workers are spawned before the gRPC server starts its threads.
-    await pool.start(batcher)
+    await pool.start(batcher, on_change=serving.update)
     batcher.start()
 
     tokenizers = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
     servicer = RerankerServicer(settings, encoder, batcher, tokenizers)
-    health_servicer = health.aio.HealthServicer()
     server = _grpc_server(settings, metrics, servicer, health_servicer)
     port = _bind(server, settings)
     await server.start()
@@ -117,7 +118,8 @@ async def _serve(settings: Settings) -> int:
         try:
             ready.result()
             servicer.model_info = _model_info(settings, checkpoint, pool, encoder)
-            await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+            serving.started = True
+            serving.update()
             log.info("ready", workers=len(pool.workers))
             await stopping
         except WorkerLoadError as exc:
@@ -127,6 +129,7 @@ async def _serve(settings: Settings) -> int:
         ready.cancel()
 
     log.info("shutting_down", grace_seconds=settings.grace_period_s)
+    serving.started = False
     await health_servicer.enter_graceful_shutdown()
     batcher.refuse_new_work()
     graceful = asyncio.create_task(server.stop(settings.grace_period_s))
@@ -184,6 +187,26 @@ def _bind(server: grpc.aio.Server, settings: Settings) -> int:
 async def _set_health(health_servicer, status) -> None:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, status)
+
+
+class _HealthTracker:
+    """SERVING once every worker has loaded, and afterwards while at least one
+    worker is ready; NOT_SERVING while none is (all crashed and restarting)."""
+
+    def __init__(self, health_servicer, pool: WorkerPool) -> None:
+        self._health = health_servicer
+        self._pool = pool
+        self.started = False
+        self._serving = False  # the server starts NOT_SERVING
+
+    def update(self) -> None:
+        serving = self.started and self._pool.ready_count > 0
+        if serving != self._serving:
+            self._serving = serving
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            # Kept, so that the task is not collected before it runs.
+            self._task = asyncio.get_running_loop().create_task(_set_health(self._health, status))
+            log.info("health", serving=serving, ready_workers=self._pool.ready_count)
 
 
 def _model_info(settings: Settings, checkpoint, pool: WorkerPool, encoder: PromptEncoder) -> pb.ModelInfo:

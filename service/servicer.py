@@ -90,27 +90,29 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServicer):
                 answers.put_nowait(_failed(request, grpc.StatusCode.CANCELLED, "cancelled by the client"))
 
         async def read() -> None:
-            async for request in request_iterator:
-                if request.cancel:
-                    task = running.get(request.request_id)
-                    if task is not None:
-                        task.cancel()
-                    continue
-                if request.request_id in running:
-                    answers.put_nowait(_failed(request, grpc.StatusCode.INVALID_ARGUMENT, f"request_id {request.request_id!r} is already in flight on this stream"))
-                    continue
-                await room.acquire()  # at most max_requests_per_stream at once: stop reading, and flow control pushes back
-                task = asyncio.create_task(answer(request))
-                running[request.request_id] = task
-                task.add_done_callback(lambda task, request=request: finished(task, request))
-            await asyncio.gather(*running.values(), return_exceptions=True)
-            answers.put_nowait(None)
+            try:
+                async for request in request_iterator:
+                    if request.cancel:
+                        task = running.get(request.request_id)
+                        if task is not None:
+                            task.cancel()
+                        continue
+                    if request.request_id in running:
+                        answers.put_nowait(_failed(request, grpc.StatusCode.INVALID_ARGUMENT, f"request_id {request.request_id!r} is already in flight on this stream"))
+                        continue
+                    await room.acquire()  # at most max_requests_per_stream at once: stop reading, and flow control pushes back
+                    task = asyncio.create_task(answer(request))
+                    running[request.request_id] = task
+                    task.add_done_callback(lambda task, request=request: finished(task, request))
+                await asyncio.gather(*running.values(), return_exceptions=True)
+            finally:
+                answers.put_nowait(None)  # also when the request stream broke: never leave the writer waiting
 
         reader = asyncio.create_task(read())
         try:
             while (response := await answers.get()) is not None:
                 yield response
-            await reader  # surfaces a broken request stream
+            await reader  # raises what broke the request stream, if anything did
         finally:
             reader.cancel()
             for task in list(running.values()):
@@ -180,7 +182,9 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServicer):
     async def _run(self, request, prepared: Prepared, deadline: float | None) -> Job:
         job = self._submit(request, prepared, deadline)
         try:
-            await job.future
+            # Shielded: if this call is cancelled, the job must stay unresolved until
+            # `cancel` has taken its pairs out of the queue.
+            await asyncio.shield(job.future)
         finally:
             self._batcher.cancel(job)  # a no-op once done; drops its queued pairs if we were cancelled
         structlog.contextvars.bind_contextvars(
