@@ -59,6 +59,7 @@ class Job:
         self.started_at = self.admitted_at  # when its latest batch began computing
         self.compute_seconds = 0.0
         self.items: list[_Pending] = []
+        self.batches: list[BatchRecord] = []  # the batches that held its pairs, for tracing
 
     @property
     def done(self) -> bool:
@@ -77,6 +78,20 @@ class Job:
             self.future.set_exception(error)
         if self.progress is not None:
             self.progress.put_nowait([])  # wakes a stream reader; the future says how it ended
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    """One batch as one job saw it (loop times)."""
+
+    batch_id: int
+    worker: str
+    rows: int
+    rows_of_job: int
+    padded_tokens: int
+    sent_at: float
+    done_at: float
+    compute_seconds: float
 
 
 @dataclass(eq=False, slots=True)
@@ -171,6 +186,7 @@ class Batch:
     items: list[_Pending]
     padded_tokens: int
     sent_at: float
+    worker: str
 
     @property
     def rows(self) -> list[array]:
@@ -304,7 +320,7 @@ class Batcher:
         for item in items:
             self._queue.remove(item)
         width = max(item.length for item in items)
-        batch = Batch(next(self._batch_ids), items, len(items) * width, asyncio.get_running_loop().time())
+        batch = Batch(next(self._batch_ids), items, len(items) * width, asyncio.get_running_loop().time(), worker.name)
         m = self._metrics
         m.batches.labels(worker.name).inc()
         m.batch_size.observe(len(items))
@@ -362,6 +378,9 @@ class Batcher:
             job.remaining -= 1
             progress.setdefault(job, []).append(item.index)
         for job, indices in progress.items():
+            job.batches.append(
+                BatchRecord(batch.id, batch.worker, len(batch.items), len(indices), batch.padded_tokens, batch.sent_at, now, compute_seconds)
+            )
             job.compute_seconds += compute_seconds
             job.started_at = max(job.started_at, now - compute_seconds)
             if job.progress is not None:

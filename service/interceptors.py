@@ -14,6 +14,7 @@ import structlog
 
 from service.errors import InvalidArgument, ServiceError
 from service.metrics import Metrics
+from service.tracing import Tracing
 
 log = structlog.get_logger("rpc")
 
@@ -77,8 +78,9 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
     """Maps service errors to statuses (never leaking internals), and writes one
     log line and the request metrics per Reranker call."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, tracing: Tracing | None = None) -> None:
         self._metrics = metrics
+        self._tracing = tracing
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -111,6 +113,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         structlog.contextvars.bind_contextvars(rpc=rpc)
         start = time.perf_counter()
         code = grpc.StatusCode.OK
+        trace = self._tracing.attach(context.invocation_metadata()) if self._tracing else None
         try:
             yield
         except ServiceError as exc:
@@ -128,6 +131,8 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
             log.exception("rpc_crashed")
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
         finally:
+            if trace is not None:
+                self._tracing.detach(trace)
             seconds = time.perf_counter() - start
             self._metrics.requests.labels(rpc, code.name).inc()
             self._metrics.request_seconds.labels(rpc).observe(seconds)

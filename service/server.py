@@ -34,7 +34,8 @@ from service.metrics import Metrics
 from service.pool import WorkerLoadError, WorkerPool, count_gpus, worker_specs
 from service.servicer import RerankerServicer
 from service.settings import Settings, parse_devices, summary
-from workers.checkpoint import resolve_checkpoint
+from service.tracing import Tracing
+from workers.checkpoint import CheckpointNotFound, resolve_checkpoint
 from workers.precision import resolve_precision
 from workers.process import WorkerSpec
 from workers.prompt import DEFAULT_INSTRUCTION, PromptEncoder
@@ -45,9 +46,14 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Reranker"].full_name
 
 
 def run(settings: Settings) -> int:
-    """Serve until told to stop; the process's exit code."""
+    """Serve until told to stop; the process's exit code (0 after a clean stop,
+    1 when the workers could not load, 2 when the configuration is unusable)."""
     configure_logging(settings.log_format, settings.log_level)
-    return asyncio.run(_serve(settings))
+    try:
+        return asyncio.run(_serve(settings))
+    except (CheckpointNotFound, ValueError) as exc:
+        log.error("startup_failed", error=str(exc))
+        return 2
 
 
 async def _serve(settings: Settings) -> int:
@@ -61,6 +67,7 @@ async def _serve(settings: Settings) -> int:
     resolve_precision(settings.dtype, devices[0])  # fail on a bad name before spawning anything
 
     metrics = Metrics()
+    tracing = Tracing(settings.otlp_endpoint, service.__version__) if settings.otlp_endpoint else None
     if settings.metrics_port:
         log.info("metrics_listening", port=metrics.serve(settings.metrics_port, settings.host))
     base = WorkerSpec(
@@ -98,8 +105,8 @@ async def _serve(settings: Settings) -> int:
     batcher.start()
 
     tokenizers = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
-    servicer = RerankerServicer(settings, encoder, batcher, tokenizers)
-    server = _grpc_server(settings, metrics, servicer, health_servicer)
+    servicer = RerankerServicer(settings, encoder, batcher, tokenizers, tracing)
+    server = _grpc_server(settings, metrics, tracing, servicer, health_servicer)
     port = _bind(server, settings)
     await server.start()
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -142,12 +149,14 @@ async def _serve(settings: Settings) -> int:
     await batcher.close(Unavailable("the server shut down before this request finished; retry on another replica"))
     await pool.stop()
     tokenizers.shutdown(wait=False, cancel_futures=True)
+    if tracing is not None:
+        tracing.shutdown()
     log.info("stopped", exit_code=exit_code)
     return exit_code
 
 
-def _grpc_server(settings: Settings, metrics: Metrics, servicer: RerankerServicer, health_servicer) -> grpc.aio.Server:
-    interceptors = [ObservingInterceptor(metrics)]
+def _grpc_server(settings: Settings, metrics: Metrics, tracing: Tracing | None, servicer: RerankerServicer, health_servicer) -> grpc.aio.Server:
+    interceptors = [ObservingInterceptor(metrics, tracing)]
     tokens = settings.accepted_tokens()
     if tokens:
         interceptors.append(TokenAuthInterceptor(tokens))

@@ -24,6 +24,7 @@ from reranker.v1 import reranker_pb2_grpc
 from service.batcher import BATCH, INTERACTIVE, Batcher, Job
 from service.errors import InvalidArgument, ServiceError
 from service.settings import Settings
+from service.tracing import Tracing
 from workers.prompt import EncodedPair, PromptEncoder, PromptTooLong
 
 log = structlog.get_logger("rpc")
@@ -39,8 +40,16 @@ class Prepared:
 
 
 class RerankerServicer(reranker_pb2_grpc.RerankerServicer):
-    def __init__(self, settings: Settings, encoder: PromptEncoder, batcher: Batcher, tokenizers: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        encoder: PromptEncoder,
+        batcher: Batcher,
+        tokenizers: ThreadPoolExecutor,
+        tracing: Tracing | None = None,
+    ) -> None:
         self._settings = settings
+        self._tracing = tracing
         self._encoder = encoder
         self._batcher = batcher
         self._tokenizers = tokenizers
@@ -49,11 +58,12 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServicer):
     # -- RPCs ------------------------------------------------------------------------------
 
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
-        return await self._rerank(request, _deadline(request, context))
+        return await self._rerank(request, _deadline(request, context), "Rerank")
 
     async def RerankStream(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RerankStreamResponse]:
         prepared = await self._prepare(_rerank_pairs(request), request)
         job = self._submit(request, prepared, _deadline(request, context), stream=True)
+        error = None
         try:
             while not (job.done and job.progress.empty()):
                 indices = await job.progress.get()
@@ -63,8 +73,12 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServicer):
                     )
             job.future.result()  # raises how the job failed
             yield pb.RerankStreamResponse(final=self._ranking(request, prepared, job))
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             self._batcher.cancel(job)
+            self._trace("RerankStream", request, prepared, job, error)
 
     async def RerankMany(self, request_iterator: AsyncIterator[pb.RerankRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RerankResponse]:
         answers: asyncio.Queue[pb.RerankResponse | None] = asyncio.Queue()
@@ -73,7 +87,7 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServicer):
 
         async def answer(request: pb.RerankRequest) -> None:
             try:
-                response = await self._rerank(request, _deadline(request, None))
+                response = await self._rerank(request, _deadline(request, None), "RerankMany.request")
                 log.info("rerank_many_request", code="OK")
             except ServiceError as exc:
                 response = _failed(request, exc.code, exc.message)
@@ -125,7 +139,7 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServicer):
             if not pair.query.strip():
                 raise InvalidArgument(f"pairs[{position}].query is empty")
         prepared = await self._prepare([(pair.query, pair.document) for pair in request.pairs], request)
-        job = await self._run(request, prepared, _deadline(request, context))
+        job = await self._run(request, prepared, _deadline(request, context), "Score")
         return pb.ScoreResponse(
             request_id=request.request_id,
             results=[self._result(job, prepared, i) for i in range(len(prepared.encoded))],
@@ -138,9 +152,9 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServicer):
 
     # -- the one path ---------------------------------------------------------------------
 
-    async def _rerank(self, request: pb.RerankRequest, deadline: float | None) -> pb.RerankResponse:
+    async def _rerank(self, request: pb.RerankRequest, deadline: float | None, span: str) -> pb.RerankResponse:
         prepared = await self._prepare(_rerank_pairs(request), request)
-        job = await self._run(request, prepared, deadline)
+        job = await self._run(request, prepared, deadline, span)
         return self._ranking(request, prepared, job)
 
     async def _prepare(self, pairs: list[tuple[str, str]], request) -> Prepared:
@@ -179,14 +193,19 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServicer):
         self._batcher.submit(job)
         return job
 
-    async def _run(self, request, prepared: Prepared, deadline: float | None) -> Job:
+    async def _run(self, request, prepared: Prepared, deadline: float | None, span: str) -> Job:
         job = self._submit(request, prepared, deadline)
+        error = None
         try:
             # Shielded: if this call is cancelled, the job must stay unresolved until
             # `cancel` has taken its pairs out of the queue.
             await asyncio.shield(job.future)
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             self._batcher.cancel(job)  # a no-op once done; drops its queued pairs if we were cancelled
+            self._trace(span, request, prepared, job, error)
         structlog.contextvars.bind_contextvars(
             tokens=job.tokens,
             truncated=sum(pair.truncated for pair in prepared.encoded),
@@ -194,6 +213,10 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServicer):
             compute_ms=round(1000 * job.compute_seconds, 2),
         )
         return job
+
+    def _trace(self, span: str, request, prepared: Prepared, job: Job, error: BaseException | None) -> None:
+        if self._tracing is not None:
+            self._tracing.record(span, request.request_id, prepared.arrived, prepared.tokenize_seconds, job, error)
 
     # -- responses --------------------------------------------------------------------------
 

@@ -64,6 +64,8 @@ class Settings:
     tls_client_ca: str = _setting("", "CA bundle (PEM) to require and verify client certificates (mutual TLS)")
     auth_tokens_file: str = _setting("", "file of accepted bearer tokens, one per line (RERANKER_AUTH_TOKENS may list them too)")
     auth_tokens: tuple[str, ...] = _setting((), "accepted bearer tokens, comma-separated (environment only)", env_only=True)
+    # Tracing
+    otlp_endpoint: str = _setting("", "OpenTelemetry: send a trace per request over OTLP/gRPC to this endpoint, e.g. http://otel-collector:4317 (empty: off)")
     # Logging
     log_format: str = _setting("auto", "json, console, or auto (console on a terminal)", choices=LOG_FORMATS)
     log_level: str = _setting("info", "debug, info, warning or error", choices=("debug", "info", "warning", "error"))

@@ -1,0 +1,69 @@
+"""Settings: flags over RERANKER_* variables over defaults, every bad value named."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from service.settings import Settings, add_arguments, build_settings, parse_devices, summary
+
+
+def parse(argv, environ=None) -> Settings:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return build_settings(parser.parse_args(argv), environ or {})
+
+
+def test_flags_win_over_environment_over_defaults():
+    settings = parse(["--model", "m", "--max-batch-tokens", "20000"], {"RERANKER_MAX_BATCH_TOKENS": "9000", "RERANKER_MAX_WAIT_MS": "5"})
+    assert settings.max_batch_tokens == 20000
+    assert settings.max_wait_ms == 5.0
+    assert settings.max_batch_size == 256  # default
+    assert parse([], {"RERANKER_MODEL": "from-env"}).model == "from-env"
+
+
+def test_every_setting_has_a_flag_or_is_environment_only():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = {action.dest for action in parser._actions}
+    for spec in dataclasses.fields(Settings):
+        assert (spec.name in flags) != bool(spec.metadata.get("env_only")), spec.name
+        assert spec.metadata["help"], spec.name
+
+
+def test_tokens_only_from_the_environment_and_never_in_the_summary():
+    settings = parse(["--model", "m"], {"RERANKER_AUTH_TOKENS": "a, b"})
+    assert settings.auth_tokens == ("a", "b") and settings.accepted_tokens() == ("a", "b")
+    assert "a, b" not in repr(summary(settings)) and summary(settings)["auth"] is True
+
+
+@pytest.mark.parametrize(
+    "argv, environ, message",
+    [
+        ([], {}, "model is required"),
+        (["--model", "m", "--max-batch-tokens", "100"], {}, "max_batch_tokens (100) must hold one pair of max_length (8192)"),
+        (["--model", "m", "--workers-per-device", "0"], {}, "workers_per_device must be at least 1"),
+        (["--model", "m", "--tls-cert", "c"], {}, "tls_cert and tls_key go together"),
+        (["--model", "m", "--max-queue-pairs", "10"], {}, "max_queue_pairs (10) must hold one full request"),
+        (["--model", "m"], {"RERANKER_MAX_LENGTH": "lots"}, "RERANKER_MAX_LENGTH='lots' is not a valid int"),
+        (["--model", "m"], {"RERANKER_DTYPE": "int4"}, "RERANKER_DTYPE='int4'; choose one of auto, fp32"),
+    ],
+)
+def test_bad_values_are_named(argv, environ, message):
+    with pytest.raises(ValueError) as error:
+        parse(argv, environ)
+    assert message in str(error.value)
+
+
+def test_devices():
+    assert parse_devices("auto", 0) == ["cpu"]
+    assert parse_devices("auto", 2) == ["cuda:0", "cuda:1"]
+    assert parse_devices("cuda:1,cpu", 2) == ["cuda:1", "cpu"]
+    with pytest.raises(ValueError, match="no GPU is visible"):
+        parse_devices("cuda", 0)
+    with pytest.raises(ValueError, match="cuda:3 was asked for, but 2 GPU"):
+        parse_devices("cuda:3", 2)
+    with pytest.raises(ValueError, match="'gpu0' is not cpu, cuda or cuda:N"):
+        parse_devices("gpu0", 1)
