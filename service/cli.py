@@ -1,12 +1,14 @@
 """The `reranker` command: `serve` runs the service; `rerank`, `score`, `info` and
-`batch` call one; `demo-model` writes a tiny random model for trying things."""
+`batch` call one; `health` asks one over the gRPC health protocol (exit 0 only
+when SERVING, for container health checks); `demo-model` writes a tiny random
+model for trying things."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
-from collections.abc import Iterator
 
 from service.settings import add_arguments, build_settings
 
@@ -46,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     batch.add_argument("--output", default="-", help="where to write the rankings as JSON lines; - for stdout")
     batch.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    health = client_command("health", help="ask the gRPC health service; exit 0 only when it answers SERVING")
+    health.add_argument("--service", default="", help="the service to ask about, e.g. reranker.v1.Reranker; empty means the whole server")
+    health.set_defaults(timeout=5.0)
+
     demo = commands.add_parser("demo-model", help="write a tiny random-weight Qwen3 reranker (real tokenizer) for trying the service")
     demo.add_argument("directory")
 
@@ -63,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(build_tiny_model(args.directory))
         return 0
+    if args.command == "health":
+        return _health(args)
     return _client_command(args)
 
 
@@ -97,31 +105,61 @@ def _client_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _health(args: argparse.Namespace) -> int:
+    """grpc.health.v1 Check: prints the status; 0 when SERVING, 1 for anything else
+    (NOT_SERVING, an unknown service, no answer within --timeout)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from service.client import ChannelOptions
+
+    root_certificates = open(args.ca, "rb").read() if args.ca else None
+    options = ChannelOptions(args.target, max_attempts=1, tls=args.tls or bool(args.ca), root_certificates=root_certificates)
+    with options.open(grpc) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        except grpc.RpcError as error:
+            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def _batch(client, args: argparse.Namespace) -> int:
-    """Send every line over one RerankMany stream; write one JSON line per answer."""
+    """Send every line over one RerankMany stream; write one JSON line per answer.
+    A line that is not a request ({query, documents, ...}) is answered with an
+    error of its own without being sent."""
+    import grpc
     from google.protobuf.json_format import MessageToDict
     from tqdm import tqdm
 
+    from reranker.v1 import reranker_pb2 as pb
     from service.client import rerank_request
 
     source = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
     lines = [line for line in source if line.strip()]
-
-    def requests() -> Iterator:
-        for number, line in enumerate(lines, 1):
+    requests, unreadable = [], []
+    for number, line in enumerate(lines, 1):
+        try:
             record = json.loads(line)
-            yield rerank_request(
-                record["query"],
-                record["documents"],
-                instruction=record.get("instruction", ""),
-                top_n=int(record.get("top_n", 0)),
-                request_id=str(record.get("id", number)),
+            requests.append(
+                rerank_request(
+                    record["query"],
+                    record["documents"],
+                    instruction=record.get("instruction", ""),
+                    top_n=int(record.get("top_n", 0)),
+                    request_id=str(record.get("id", number)),
+                )
             )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # one bad line must not sink the others
+            error = pb.RequestError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=f"line {number}: {type(exc).__name__}: {exc}")
+            unreadable.append(pb.RerankResponse(request_id=str(number), error=error))
 
     sink = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     failures = 0
+    answers = client.rerank_many(iter(requests), timeout=max(args.timeout, 1.0) * max(1, len(requests))) if requests else []
     with tqdm(total=len(lines), disable=args.no_progress, file=sys.stderr, unit="req") as progress:
-        for response in client.rerank_many(requests(), timeout=max(args.timeout, 1.0) * max(1, len(lines))):
+        for response in itertools.chain(unreadable, answers):
             failures += response.HasField("error")
             sink.write(json.dumps(MessageToDict(response), ensure_ascii=False) + "\n")
             progress.update(1)

@@ -96,6 +96,13 @@ class ChannelOptions:
             return None
         return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
 
+    def open(self, module):
+        """A channel from `module` (grpc, or grpc.aio: they share these calls)."""
+        credentials = self.credentials()
+        if credentials is None:
+            return module.insecure_channel(self.resolved_target(), self.channel_arguments())
+        return module.secure_channel(self.resolved_target(), credentials, self.channel_arguments())
+
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
@@ -136,14 +143,7 @@ class RerankerClient:
 
     def __init__(self, target: str | Sequence[str] = "localhost:50051", **options) -> None:
         self.options = ChannelOptions(target=target, **options)
-        credentials = self.options.credentials()
-        arguments = self.options.channel_arguments()
-        target_name = self.options.resolved_target()
-        self._channel = (
-            grpc.secure_channel(target_name, credentials, arguments)
-            if credentials
-            else grpc.insecure_channel(target_name, arguments)
-        )
+        self._channel = self.options.open(grpc)
         self._stub = reranker_pb2_grpc.RerankerStub(self._channel)
 
     def __enter__(self) -> RerankerClient:
@@ -195,14 +195,7 @@ class AsyncRerankerClient:
 
     def __init__(self, target: str | Sequence[str] = "localhost:50051", **options) -> None:
         self.options = ChannelOptions(target=target, **options)
-        credentials = self.options.credentials()
-        arguments = self.options.channel_arguments()
-        target_name = self.options.resolved_target()
-        self._channel = (
-            grpc.aio.secure_channel(target_name, credentials, arguments)
-            if credentials
-            else grpc.aio.insecure_channel(target_name, arguments)
-        )
+        self._channel = self.options.open(grpc.aio)
         self._stub = reranker_pb2_grpc.RerankerStub(self._channel)
 
     async def __aenter__(self) -> AsyncRerankerClient:

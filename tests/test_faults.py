@@ -54,6 +54,14 @@ async def _rerank(stub, documents: int, timeout: float = 60, tag: str = "q"):
     return await stub.Rerank(pb.RerankRequest(query=tag, documents=[f"doc {i}" for i in range(documents)]), timeout=timeout)
 
 
+async def _outcome(call):
+    """The response, or the error the call ended with."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as error:
+        return error
+
+
 def test_cancelling_a_stream_drops_its_queued_work(slow):
     cancelled_before = slow.metric("reranker_pairs_total", outcome="cancelled")
     with slow.channel() as channel:
@@ -151,10 +159,7 @@ def test_burst_beyond_the_queue_bound(slow):
 
             async def one():
                 start = time.monotonic()
-                try:
-                    return await _rerank(stub, 10), time.monotonic() - start
-                except grpc.aio.AioRpcError as error:
-                    return error, time.monotonic() - start
+                return await _outcome(_rerank(stub, 10)), time.monotonic() - start
 
             return await asyncio.gather(*(one() for _ in range(60)))
 
@@ -213,13 +218,7 @@ def test_worker_killed_mid_batch_under_load(tiny_model, server_factory):
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = reranker_pb2_grpc.RerankerStub(channel)
 
-            async def one(i):
-                try:
-                    return await _rerank(stub, 6, timeout=30, tag=f"k{i}")
-                except grpc.aio.AioRpcError as error:
-                    return error
-
-            calls = [asyncio.ensure_future(one(i)) for i in range(20)]
+            calls = [asyncio.ensure_future(_outcome(_rerank(stub, 6, timeout=30, tag=f"k{i}"))) for i in range(20)]
             await asyncio.to_thread(wait_until, lambda: server.metric("reranker_batches_total", worker="0") > 0, 30, "a batch on worker 0")
             victim = sorted(server.worker_pids())[0]
             os.kill(victim, signal.SIGKILL)
@@ -329,3 +328,21 @@ def test_workers_die_with_a_killed_server(tiny_model, server_factory):
     server.process.kill()
     server.process.wait(10)
     wait_until(lambda: not any(alive(pid) for pid in workers), 10, "orphaned workers to exit")
+
+
+def test_concurrent_call_cap(tiny_model, server_factory):
+    server = server_factory(
+        tiny_model, "--workers-per-device", "1", "--cpu-threads", "1", "--max-concurrent-rpcs", "3",
+        env={"RERANKER_FAULTS": "delay_ms=300"},
+    )
+
+    async def scenario():
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = reranker_pb2_grpc.RerankerStub(channel)
+
+            return await asyncio.gather(*(_outcome(_rerank(stub, 1, tag=f"cap{i}")) for i in range(8)))
+
+    results = asyncio.run(scenario())
+    refused = [r for r in results if not isinstance(r, pb.RerankResponse)]
+    assert 1 <= len(refused) <= 5 and len(results) - len(refused) >= 3
+    assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)

@@ -1,0 +1,80 @@
+"""The Prometheus metrics of a fresh server after a known amount of traffic:
+every counter moved by exactly what the traffic caused, the histograms agree
+with the counters, and the worker gauges describe the one worker."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.client import RerankerClient, RerankerError, rerank_request
+from tests.texts import DOCUMENTS, QUERY
+
+BATCH_ROWS = 4
+PAIRS = 5 + 3 + 4 + 6 + 3 + 3  # the pairs the traffic below admits
+
+
+def send_traffic(address: str) -> list[int]:
+    """Every RPC once or more, and one request refused before admission; the
+    usage.tokens of every answer."""
+    tokens = []
+    with RerankerClient(address, timeout=60) as client:
+        tokens.append(client.rerank(QUERY, DOCUMENTS[:5]).usage.tokens)
+        tokens.append(client.rerank("where is Tokyo?", DOCUMENTS[5:8]).usage.tokens)
+        with pytest.raises(RerankerError):
+            client.rerank("", ["refused before admission"])
+        tokens.append(client.score([(QUERY, document) for document in DOCUMENTS[8:12]]).usage.tokens)
+        tokens.append(list(client.rerank_stream(QUERY, DOCUMENTS[12:18]))[-1].final.usage.tokens)
+        many = client.rerank_many([rerank_request(QUERY, DOCUMENTS[:3], request_id="a"), rerank_request("q", DOCUMENTS[3:6], request_id="b")])
+        tokens += [answer.usage.tokens for answer in many]
+        client.model_info()
+    return tokens
+
+
+def test_metrics_count_exactly_the_traffic(server_factory, tiny_model):
+    server = server_factory(tiny_model, "--cpu-threads", "1", "--max-batch-size", str(BATCH_ROWS))
+    tokens = send_traffic(server.address)
+    assert len(tokens) == 6
+    m = server.metric
+    exposition = server.metrics()
+
+    # Calls, by RPC and status code (RerankMany counts its stream, not its requests).
+    requests = {
+        ("Rerank", "OK"): 2,
+        ("Rerank", "INVALID_ARGUMENT"): 1,
+        ("Score", "OK"): 1,
+        ("RerankStream", "OK"): 1,
+        ("RerankMany", "OK"): 1,
+        ("GetModelInfo", "OK"): 1,
+    }
+    for (rpc, code), count in requests.items():
+        assert m("reranker_requests_total", rpc=rpc, code=code) == count, (rpc, code)
+    assert m("reranker_requests_total") == sum(requests.values())
+    assert m("reranker_request_duration_seconds_count", rpc="Rerank") == 3
+    assert m("reranker_request_duration_seconds_count") == sum(requests.values())
+
+    # Pairs: the refused request never reached the queue; everything admitted was scored.
+    assert m("reranker_pairs_admitted_total") == PAIRS
+    assert m("reranker_pairs_total", outcome="scored") == PAIRS
+    assert m("reranker_pairs_total") == PAIRS  # no other outcome
+    assert m("reranker_tokens_scored_total") == sum(tokens) > 0
+    assert m("reranker_rejected_total") == 0
+    assert m("reranker_queue_pairs") == 0 and m("reranker_queue_tokens") == 0
+
+    # Batches: the histograms agree with the counters.
+    batches = m("reranker_batches_total", worker="0")
+    assert batches == m("reranker_batches_total")  # the only worker
+    assert batches >= PAIRS / BATCH_ROWS
+    assert m("reranker_batch_size_count") == batches
+    assert m("reranker_batch_size_sum") == PAIRS  # every pair in exactly one batch
+    assert exposition[f'reranker_batch_size_bucket{{le="{float(BATCH_ROWS)}"}}'] == batches  # none above max_batch_size
+    assert m("reranker_batch_tokens_count") == batches
+    assert m("reranker_batch_tokens_sum") == m("reranker_batch_padded_tokens_total") >= sum(tokens)
+    assert m("reranker_batch_retries_total") == 0
+
+    # The worker: ready, loaded, busy for a while, never restarted.
+    assert exposition['reranker_worker_ready{device="cpu",worker="0"}'] == 1
+    assert m("reranker_worker_ready") == 1
+    assert m("reranker_model_load_seconds", worker="0") > 0
+    assert m("reranker_worker_token_budget", worker="0") > 0
+    assert m("reranker_worker_compute_seconds_total", worker="0") > 0
+    assert m("reranker_worker_restarts_total") == 0
