@@ -216,7 +216,8 @@ class Batcher:
         self._deadlines: list[tuple[float, int, Job]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._closed = False
+        self._closed = False  # no new jobs
+        self._stopped = False  # no more batches either
         self._batch_seconds = 0.0  # running mean of batch compute time, for "can it still finish?"
         self.jobs: dict[int, Job] = {}
 
@@ -279,10 +280,13 @@ class Batcher:
 
     async def close(self, error: ServiceError) -> None:
         """Refuse new work, stop dispatching, and end every open job with `error`."""
-        self._closed = True
+        # A flag rather than Task.cancel(): on Python 3.11, asyncio.wait_for can
+        # swallow a cancellation that races with its inner wait, which left
+        # this loop (and so shutdown) waiting forever.
+        self._closed = self._stopped = True
+        self._wakeup.set()
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await self._task
         for job in list(self.jobs.values()):
             self._end(job, error, "failed")
 
@@ -290,7 +294,7 @@ class Batcher:
         self._closed = True
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopped:
             self._wakeup.clear()
             self._drop_hopeless()
             delay = self._dispatch()
@@ -298,7 +302,8 @@ class Batcher:
                 await self._wakeup.wait()
             elif delay > 0:
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await self._wakeup.wait()
                 except TimeoutError:
                     pass
 

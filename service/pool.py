@@ -165,7 +165,8 @@ class WorkerPool:
             while True:
                 timeout = self._batch_timeout if worker.in_flight else None
                 try:
-                    header = await asyncio.wait_for(reader.readexactly(protocol.FRAME_HEADER.size), timeout)
+                    async with asyncio.timeout(timeout):  # not wait_for: see Batcher.close
+                        header = await reader.readexactly(protocol.FRAME_HEADER.size)
                     payload = await reader.readexactly(protocol.FRAME_HEADER.unpack(header)[0])
                 except (asyncio.IncompleteReadError, ConnectionError):
                     # EOF, or a reset seen first by a write to the dead process

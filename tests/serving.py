@@ -190,9 +190,11 @@ def server_factory(request):
     yield factory
     failed = request.node.rep_call.failed if hasattr(request.node, "rep_call") else False
     for server in started:
-        server.stop()
-        if failed:
-            print(f"\n----- server log (exit {server.process.returncode}) -----\n{server.log_text()}")
+        try:
+            server.stop()
+        finally:
+            if failed or server.process.returncode != 0:
+                print(f"\n----- server log (exit {server.process.returncode}) -----\n{server.log_text()}")
 
 
 @pytest.fixture(scope="module")
