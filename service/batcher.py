@@ -43,6 +43,9 @@ class Job:
     """The scoring work of one request, and where its scores go."""
 
     rows: list[array]  # token ids per pair, in request order
+    # Per row, how many leading tokens it may share with rows that start the
+    # same (workers.prompt.EncodedPair.shared); empty: none.
+    shared: list[int] = field(default_factory=list)
     priority: int = INTERACTIVE
     deadline: float | None = None  # loop time by which it must be answered
     stream: bool = False  # deliver scored indices batch by batch through `progress`
@@ -191,6 +194,10 @@ class Batch:
     @property
     def rows(self) -> list[array]:
         return [item.job.rows[item.index] for item in self.items]
+
+    @property
+    def shared(self) -> list[int]:
+        return [item.job.shared[item.index] if item.job.shared else 0 for item in self.items]
 
 
 class Batcher:

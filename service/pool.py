@@ -98,7 +98,7 @@ class WorkerPool:
 
     def submit(self, worker: Worker, batch: Batch) -> None:
         worker.in_flight[batch.id] = batch
-        worker.writer.write(protocol.frame(protocol.ScoreBatch.from_rows(batch.id, batch.rows)))
+        worker.writer.write(protocol.frame(protocol.ScoreBatch.from_rows(batch.id, batch.rows, batch.shared)))
 
     # -- lifecycle ---------------------------------------------------------------------
 

@@ -186,6 +186,7 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServicer):
     def _submit(self, request, prepared: Prepared, deadline: float | None, stream: bool = False) -> Job:
         job = Job(
             rows=[pair.ids for pair in prepared.encoded],
+            shared=[pair.shared for pair in prepared.encoded],
             priority=BATCH if request.priority == pb.PRIORITY_BATCH else INTERACTIVE,
             deadline=deadline,
             stream=stream,

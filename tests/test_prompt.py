@@ -62,3 +62,17 @@ def test_answer_ids_come_from_the_tokenizer(tokenizer):
 def test_max_length_must_leave_room(tokenizer):
     with pytest.raises(ValueError, match="leaves no room"):
         PromptEncoder(tokenizer, 40)
+
+
+@pytest.mark.parametrize("max_length", [8192, 160])
+def test_shared_prefix_is_what_every_document_of_a_query_starts_with(tokenizer, max_length):
+    encoder = PromptEncoder(tokenizer, max_length)
+    for instruction, query in zip(INSTRUCTIONS, QUERIES):
+        encoded = encoder.encode([(query, document) for document in DOCUMENTS], instruction or "")
+        shared = {pair.shared for pair in encoded}
+        assert len(shared) == 1, "every document of one query shares the same head"
+        (length,) = shared
+        head = tokenizer.encode(f"<Instruct>: {instruction or DEFAULT_INSTRUCTION}\n<Query>: {query}\n<Document>:", add_special_tokens=False).ids
+        assert length == len(encoder.prefix_ids) + len(head)
+        assert {bytes(pair.ids[:length]) for pair in encoded} == {bytes(encoded[0].ids[:length])}
+        assert all(length < pair.length for pair in encoded)

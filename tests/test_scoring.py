@@ -22,10 +22,11 @@ def encode(model_dir, pairs, instruction="", max_length=8192):
     return encoder.encode(pairs, instruction)
 
 
-def run(scorer, encoded):
+def run(scorer, encoded, share=True):
+    """Scores as the worker computes them; `share` passes the shared prefix lengths as the service does."""
     rows = [pair.ids for pair in encoded]
     ids = torch.tensor([i for row in rows for i in row], dtype=torch.int32)
-    logits, _ = scorer.score([len(row) for row in rows], ids)
+    logits, _ = scorer.score([len(row) for row in rows], ids, [pair.shared for pair in encoded] if share else None)
     return logits.tolist()
 
 
@@ -75,6 +76,51 @@ def test_padding_never_changes_a_score(tiny_model, fp32):
     assert together == pytest.approx(alone, abs=1e-5)
     assert reversed_batch == pytest.approx(alone, abs=1e-5)
     assert shortest_with_longest == pytest.approx([alone[-1], alone[21]], abs=1e-5)
+
+
+def mixed_batch(model_dir):
+    """Two queries with many documents, one with a single document, and a pair
+    that shares nothing, in an interleaved order."""
+    encoded = encode(model_dir, [(QUERIES[0], d) for d in DOCUMENTS[:12]])
+    encoded += encode(model_dir, [(QUERIES[1], d) for d in DOCUMENTS[12:20]], INSTRUCTIONS[1] or "")
+    encoded += encode(model_dir, [(QUERIES[2], DOCUMENTS[20])])
+    lone = encode(model_dir, [(QUERIES[2], DOCUMENTS[21])])[0]
+    encoded.append(type(lone)(lone.ids, lone.truncated, 0))
+    return encoded[::2] + encoded[1::2]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prefixes_change_no_score(tiny_model, attn):
+    scorer = load_scorer(str(tiny_model), "cpu", "fp32", attn)
+    encoded = mixed_batch(tiny_model)
+    assert run(scorer, encoded, share=True) == pytest.approx(run(scorer, encoded, share=False), abs=1e-5)
+
+
+def test_shared_prefixes_are_computed_once(tiny_model, fp32):
+    encoded = mixed_batch(tiny_model)
+    computed = []
+    hook = fp32.backbone.get_input_embeddings().register_forward_hook(lambda _m, args, _o: computed.append(args[0].numel()))
+    try:
+        run(fp32, encoded, share=True)
+    finally:
+        hook.remove()
+    groups = {}
+    for pair in encoded:
+        if pair.shared:
+            groups.setdefault(bytes(pair.ids[: pair.shared]), []).append(pair)
+    sharing = [pair for members in groups.values() if len(members) > 1 for pair in members]
+    alone = [pair for pair in encoded if pair not in sharing]
+    assert len(sharing) == 20 and len(alone) == 2
+    # the two distinct prefixes once, then the rest of each sharing row, then the rows scored whole
+    prefix = 2 * max(pair.shared for pair in sharing)
+    rest = len(sharing) * max(pair.length - pair.shared for pair in sharing)
+    assert computed == [prefix, rest, len(alone) * max(pair.length for pair in alone)]
+    assert sum(computed) < 0.8 * len(encoded) * max(pair.length for pair in encoded)
+
+
+def test_bad_shared_lengths_are_refused(fp32):
+    with pytest.raises(ValueError, match="shared length"):
+        fp32.score([3], torch.tensor([5, 6, 7], dtype=torch.int32), [3])
 
 
 class _LargestOutput(TorchDispatchMode):

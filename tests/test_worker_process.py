@@ -99,8 +99,9 @@ def test_faults_parse_and_refuse_unknown_names():
 
 
 def test_wire_format_round_trips():
-    batch = protocol.ScoreBatch.from_rows(9, [array("i", [1, 2, 3]), array("i", [4])])
+    batch = protocol.ScoreBatch.from_rows(9, [array("i", [1, 2, 3]), array("i", [4])], [2, 0])
     assert protocol.decode(batch.encode()) == batch
+    assert list(protocol.decode(batch.encode()).shared) == [2, 0]
     scores = protocol.BatchScores(9, array("f", [0.5, -1.25]), 0.125, 4096)
     assert protocol.decode(scores.encode()) == scores
     failed = protocol.BatchFailed(9, protocol.Failure.OUT_OF_MEMORY, "no room ✓")
@@ -108,5 +109,5 @@ def test_wire_format_round_trips():
     ready = protocol.WorkerReady("cuda:0", "bf16", 123, 1.5, 8192)
     assert protocol.decode(ready.encode()) == ready
     assert isinstance(protocol.decode(protocol.Shutdown().encode()), protocol.Shutdown)
-    with pytest.raises(ValueError, match="lengths sum to 4 but 3 ids"):
-        protocol.ScoreBatch.decode(protocol.ScoreBatch(1, array("i", [4]), array("i", [1, 2, 3])).encode())
+    with pytest.raises(ValueError, match="lengths sum to 4, but 3 ids"):
+        protocol.ScoreBatch.decode(protocol.ScoreBatch(1, array("i", [4]), array("i", [0]), array("i", [1, 2, 3])).encode())

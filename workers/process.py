@@ -121,7 +121,7 @@ def _score(scorer, batch: protocol.ScoreBatch, faults: Faults, log) -> protocol.
         if faults.delay_ms:
             time.sleep(faults.delay_ms / 1000)
         ids = torch.frombuffer(batch.ids, dtype=torch.int32) if len(batch.ids) else torch.zeros(0, dtype=torch.int32)
-        logits, budget = scorer.score(list(batch.lengths), ids)
+        logits, budget = scorer.score(batch.lengths, ids, batch.shared)
     except ValueError as exc:
         return _failed(log, batch, protocol.Failure.INVALID, exc)
     except torch.OutOfMemoryError as exc:

@@ -43,6 +43,9 @@ class EncodedPair:
 
     ids: array  # array('i')
     truncated: bool
+    # Leading tokens that every pair with this instruction and query starts with
+    # (system prefix + body up to "<Document>:"), computed once for all of them.
+    shared: int = 0
 
     @property
     def length(self) -> int:
@@ -88,13 +91,13 @@ class PromptEncoder:
         budget, or, with `truncate=False`, when a pair does not fit.
         """
         instruction = instruction or DEFAULT_INSTRUCTION
-        self._check_heads(instruction, {query for query, _ in pairs})
+        heads = self._heads(instruction, {query for query, _ in pairs})
         bodies = self._tokenizer.encode_batch(
             [format_body(instruction, query, document) for query, document in pairs],
             add_special_tokens=False,
         )
         encoded = []
-        for position, body in enumerate(bodies):
+        for position, ((query, _), body) in enumerate(zip(pairs, bodies)):
             ids = body.ids
             truncated = len(ids) > self.body_budget
             if truncated and not truncate:
@@ -105,20 +108,27 @@ class PromptEncoder:
             full = array("i", self.prefix_ids)
             full.extend(ids[: self.body_budget] if truncated else ids)
             full.extend(self.suffix_ids)
-            encoded.append(EncodedPair(full, truncated))
+            head = heads[query]
+            # The head was always a prefix of the body in every case tried (FACTS.md);
+            # a pair for which it is not is scored whole, never wrongly.
+            shared = len(self.prefix_ids) + len(head) if ids[: len(head)] == head else 0
+            encoded.append(EncodedPair(full, truncated, shared))
         return encoded
 
-    def _check_heads(self, instruction: str, queries: set[str]) -> None:
-        # The body up to "<Document>:" tokenizes the same with any document after it
-        # (the space that follows merges into the document's first token).
+    def _heads(self, instruction: str, queries: set[str]) -> dict[str, list[int]]:
+        """Each query's body tokens up to "<Document>:", which tokenize the same with
+        any document after them (the space that follows merges into the
+        document's first token, so it is left out)."""
+        heads = {}
         for query in queries:
-            head = format_body(instruction, query, "")[:-1]
-            head_tokens = len(self._tokenizer.encode(head, add_special_tokens=False).ids)
-            if head_tokens >= self.body_budget:
+            head = self._tokenizer.encode(format_body(instruction, query, "")[:-1], add_special_tokens=False).ids
+            if len(head) >= self.body_budget:
                 raise PromptTooLong(
-                    f"the query and instruction take {head_tokens + self.fixed_tokens} tokens with the "
+                    f"the query and instruction take {len(head) + self.fixed_tokens} tokens with the "
                     f"prompt, leaving no room for a document within max_length {self.max_length}"
                 )
+            heads[query] = head
+        return heads
 
 
 def answer_token_ids(tokenizer: Tokenizer) -> tuple[int, int]:

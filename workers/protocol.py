@@ -47,30 +47,33 @@ class ScoreBatch:
 
     batch_id: int
     lengths: array  # array('i'), one per row
+    shared: array  # array('i'), one per row: leading tokens it may share (Scorer.score)
     ids: array  # array('i'), all rows concatenated
 
     _HEAD = struct.Struct("<BQI")
 
     @classmethod
-    def from_rows(cls, batch_id: int, rows: Sequence[array]) -> ScoreBatch:
+    def from_rows(cls, batch_id: int, rows: Sequence[array], shared: Sequence[int] = ()) -> ScoreBatch:
         ids = array("i")
         for row in rows:
             ids.extend(row)
-        return cls(batch_id, array("i", [len(row) for row in rows]), ids)
+        return cls(batch_id, array("i", [len(row) for row in rows]), array("i", shared or [0] * len(rows)), ids)
 
     def encode(self) -> bytes:
-        return self._HEAD.pack(Kind.SCORE, self.batch_id, len(self.lengths)) + self.lengths.tobytes() + self.ids.tobytes()
+        head = self._HEAD.pack(Kind.SCORE, self.batch_id, len(self.lengths))
+        return head + self.lengths.tobytes() + self.shared.tobytes() + self.ids.tobytes()
 
     @classmethod
     def decode(cls, frame: bytes) -> ScoreBatch:
         _, batch_id, rows = cls._HEAD.unpack_from(frame)
-        lengths = array("i")
-        lengths.frombytes(frame[cls._HEAD.size : cls._HEAD.size + 4 * rows])
-        ids = array("i")
-        ids.frombytes(frame[cls._HEAD.size + 4 * rows :])
-        if sum(lengths) != len(ids):
-            raise ValueError(f"batch {batch_id}: lengths sum to {sum(lengths)} but {len(ids)} ids arrived")
-        return cls(batch_id, lengths, ids)
+        start = cls._HEAD.size
+        lengths, shared, ids = array("i"), array("i"), array("i")
+        lengths.frombytes(frame[start : start + 4 * rows])
+        shared.frombytes(frame[start + 4 * rows : start + 8 * rows])
+        ids.frombytes(frame[start + 8 * rows :])
+        if len(shared) != rows or sum(lengths) != len(ids):
+            raise ValueError(f"batch {batch_id}: {rows} rows whose lengths sum to {sum(lengths)}, but {len(ids)} ids arrived")
+        return cls(batch_id, lengths, shared, ids)
 
 
 @dataclass(frozen=True)

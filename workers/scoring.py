@@ -9,14 +9,25 @@ weights' precision (a quantized head flattens every score; see FACTS.md).
 
 Rows are padded on the right: every row then has positions 0..n-1, exactly as
 when scored alone, and padding never changes a score.
+
+Rows that begin with the same tokens (the system prompt, instruction and query
+of one request: about a third of a typical pair) share them: their keys and
+values are computed once, copied to each row, and only the rest of every row
+(document and suffix) runs through the model. The front end says how many
+leading tokens each row may share; rows are grouped here by those tokens'
+content, so sharing never depends on where the rows came from.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+from transformers import DynamicCache
 
 from workers.precision import resolve_precision
 from workers.prompt import answer_token_ids
@@ -35,26 +46,38 @@ class Scorer:
     vocab_size: int
     # Testing only: pretend to run out of memory above this many padded tokens.
     oom_above_tokens: int = 0
+    # The backbone's name for the key/value cache argument (`cache` from transformers 5.24).
+    _cache_keyword: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        parameters = inspect.signature(self.backbone.forward).parameters
+        self._cache_keyword = "cache" if "cache" in parameters else "past_key_values"
 
     @torch.inference_mode()
-    def score(self, lengths: list[int], ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def score(self, lengths: Sequence[int], ids: torch.Tensor, shared: Sequence[int] | None = None) -> tuple[torch.Tensor, int]:
         """logit(yes) - logit(no) per row (float32, on the CPU).
 
-        `ids` holds the rows back to back. If the device runs out of memory the
-        rows are split in halves and retried; the second value is then the
-        largest padded-token count that fitted (0 when no split was needed).
-        Raises torch.OutOfMemoryError only when a single row does not fit, and
-        ValueError for ids outside the vocabulary.
+        `ids` holds the rows back to back. `shared[i]` leading tokens of row i
+        may be computed once with every other row that starts with the same
+        tokens (0: none). If the device runs out of memory the rows are split
+        in halves and retried; the second value is then the largest
+        padded-token count that fitted (0 when no split was needed). Raises
+        torch.OutOfMemoryError only when a single row does not fit, and
+        ValueError for ids outside the vocabulary or a shared length that
+        leaves nothing of its row.
         """
         if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}); got {int(ids.min())}..{int(ids.max())}")
-        rows = list(torch.split(ids.to(torch.long), lengths))
+        shared = list(shared) if shared is not None else [0] * len(lengths)
+        if len(shared) != len(lengths) or any(not 0 <= s < n for s, n in zip(shared, lengths)):
+            raise ValueError("each row's shared length must lie in [0, its length)")
+        rows = [_Row(tokens, prefix) for tokens, prefix in zip(torch.split(ids.to(torch.long), list(lengths)), shared)]
         logits, fitted, split = self._score_splitting(rows)
         return logits, fitted if split else 0
 
-    def _score_splitting(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, int, bool]:
+    def _score_splitting(self, rows: list[_Row]) -> tuple[torch.Tensor, int, bool]:
         try:
-            return self._forward(rows), len(rows) * max(len(row) for row in rows), False
+            return self._forward(rows), len(rows) * max(len(row.tokens) for row in rows), False
         except torch.OutOfMemoryError:
             if len(rows) == 1:
                 raise
@@ -66,33 +89,108 @@ class Scorer:
         second, fitted_second, _ = self._score_splitting(rows[half:])
         return torch.cat([first, second]), max(fitted_first, fitted_second), True
 
-    def _forward(self, rows: list[torch.Tensor]) -> torch.Tensor:
-        lengths = torch.tensor([len(row) for row in rows])
-        if self.oom_above_tokens and len(rows) * int(lengths.max()) > self.oom_above_tokens:
+    def _forward(self, rows: list[_Row]) -> torch.Tensor:
+        longest = max(len(row.tokens) for row in rows)
+        if self.oom_above_tokens and len(rows) * longest > self.oom_above_tokens:
             raise torch.OutOfMemoryError(f"injected: more than {self.oom_above_tokens} padded tokens")
-        input_ids = pad_sequence(rows, batch_first=True, padding_value=0)
-        attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
+        groups: dict[bytes, list[int]] = {}
+        for index, row in enumerate(rows):
+            if row.shared:
+                groups.setdefault(row.key, []).append(index)
+        together = [index for members in groups.values() if len(members) > 1 for index in members]
+        alone = sorted(set(range(len(rows))) - set(together))
+        logits = torch.empty(len(rows))
+        if together:
+            logits[together] = self._forward_sharing([rows[index] for index in together])
+        if alone:
+            logits[alone] = self._forward_whole([rows[index].tokens for index in alone])
+        return logits
+
+    def _forward_whole(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        input_ids, attention_mask, lengths = _pad_right(rows)
         hidden = self.backbone(
-            input_ids=input_ids.to(self.device, non_blocking=True),
-            attention_mask=attention_mask.to(self.device, non_blocking=True),
+            input_ids=self._put(input_ids),
+            attention_mask=self._put(attention_mask),
             use_cache=False,
         ).last_hidden_state
-        last = hidden[torch.arange(len(rows), device=self.device), lengths.to(self.device) - 1]
+        return self._answer(hidden, lengths)
+
+    def _forward_sharing(self, rows: list[_Row]) -> torch.Tensor:
+        """Each distinct prefix runs once; its keys and values are copied to the
+        rows that start with it, and the rest of each row runs after them with
+        explicit positions. Prefixes and rests are both padded on the right, so
+        a row's keys may have a masked gap between its prefix and its rest."""
+        prefix_of: dict[bytes, int] = {}
+        prefixes = []
+        for row in rows:
+            if row.key not in prefix_of:
+                prefix_of[row.key] = len(prefixes)
+                prefixes.append(row.tokens[: row.shared])
+        prefix_ids, prefix_mask, _ = _pad_right(prefixes)
+        cache = DynamicCache(config=self.backbone.config)
+        self.backbone(
+            input_ids=self._put(prefix_ids),
+            attention_mask=self._put(prefix_mask),
+            use_cache=True,
+            **{self._cache_keyword: cache},
+        )
+        which = torch.tensor([prefix_of[row.key] for row in rows])
+        cache.batch_select_indices(which.to(self.device))
+        rest_ids, rest_mask, lengths = _pad_right([row.tokens[row.shared :] for row in rows])
+        starts = torch.tensor([row.shared for row in rows])
+        hidden = self.backbone(
+            input_ids=self._put(rest_ids),
+            attention_mask=self._put(torch.cat([prefix_mask[which], rest_mask], dim=1)),
+            position_ids=self._put(starts[:, None] + torch.arange(rest_ids.shape[1])),
+            use_cache=True,
+            **{self._cache_keyword: cache},
+        ).last_hidden_state
+        return self._answer(hidden, lengths)
+
+    def _put(self, tensor: torch.Tensor) -> torch.Tensor:
+        """To the device; from pinned memory on CUDA, so that the copy does not
+        wait for the host (the inputs are small: ids and masks only)."""
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def _answer(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The final norm and the yes/no rows, at each row's last real token only."""
+        last = hidden[torch.arange(len(lengths), device=self.device), lengths.to(self.device) - 1]
         yes_no = self.norm(last).float() @ self.head.T
         return (yes_no[:, 0] - yes_no[:, 1]).cpu()
 
     def warm_up(self, max_length: int, max_batch_tokens: int) -> int:
         """Run a small batch, and on CUDA a full-budget one, so that the first
         request pays no start-up cost and a budget that cannot fit shows now.
-        Returns the padded-token budget that fits (0: the configured one)."""
-        self.score([16], torch.zeros(16, dtype=torch.int32))
+        Returns the padded-token budget that fits (0: the configured one).
+        Both batches run the shared-prefix path too: it holds every layer's
+        keys and values at once, the most memory a batch can take."""
+        self.score([16, 16, 16], torch.zeros(48, dtype=torch.int32), [8, 8, 0])
         if self.device.type != "cuda":
             return 0
-        width = min(max_length, max_batch_tokens)
-        rows = max(1, max_batch_tokens // width)
-        _, fitted = self.score([width] * rows, torch.zeros(width * rows, dtype=torch.int32))
+        width = max(2, min(max_length, max_batch_tokens // 2))
+        rows = max_batch_tokens // width
+        _, fitted = self.score([width] * rows, torch.zeros(width * rows, dtype=torch.int32), [width // 2] * rows)
         torch.cuda.synchronize(self.device)
         return fitted
+
+
+@dataclass
+class _Row:
+    tokens: torch.Tensor
+    shared: int
+
+    @functools.cached_property
+    def key(self) -> bytes:
+        return self.tokens[: self.shared].numpy().tobytes()
+
+
+def _pad_right(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ids padded on the right, their attention mask, and each row's length."""
+    lengths = torch.tensor([len(row) for row in rows])
+    input_ids = pad_sequence(rows, batch_first=True, padding_value=0)
+    return input_ids, (torch.arange(input_ids.shape[1]) < lengths[:, None]).long(), lengths
 
 
 def load_scorer(path: str, device: str, precision: str, attn_implementation: str = "sdpa") -> Scorer:
