@@ -80,7 +80,13 @@ class ChannelOptions:
                 }
             ]
             # Stop retrying when most calls fail: retries must not amplify an overload.
-            config["retryThrottling"] = {"maxTokens": 10, "tokenRatio": 0.1}
+            # Each failed attempt spends a token, each success earns 0.1 back, and retries
+            # stop below half of maxTokens: so once more than ~9% of attempts keep failing,
+            # retries stop whatever maxTokens is. maxTokens only sizes the burst that may be
+            # retried at once. A replica that dies fails every call it holds at the same
+            # moment: 10 tokens let only 4 of them retry (tests/test_replicas.py lost the
+            # rest); 100 covers about 50.
+            config["retryThrottling"] = {"maxTokens": 100, "tokenRatio": 0.1}
         return json.dumps(config)
 
     def channel_arguments(self) -> list[tuple[str, object]]:

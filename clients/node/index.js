@@ -86,7 +86,8 @@ function serviceConfig(maxAttempts) {
       },
     ];
     // Stop retrying when most calls fail: retries must not amplify an overload.
-    config.retryThrottling = { maxTokens: 10, tokenRatio: 0.1 };
+    // 100 tokens, as in the Python client (service/client.py says why).
+    config.retryThrottling = { maxTokens: 100, tokenRatio: 0.1 };
   }
   return JSON.stringify(config);
 }
