@@ -146,34 +146,38 @@ class PendingQueue:
                 return self._items[next(iter(arrivals))]
         return None
 
-    def plan(self, max_tokens: int, max_rows: int) -> tuple[list[_Pending], bool]:
+    def plan(self, max_tokens: int, max_rows: int, min_efficiency: float = 0.0) -> tuple[list[_Pending], bool]:
         """The next batch: the oldest pair, then the closest lengths that fit.
 
+        A pair fits when the batch stays within `max_tokens` padded tokens (rows
+        x longest row) and `max_rows`, and its real tokens stay at least
+        `min_efficiency` of the padded ones: a token budget alone would let one
+        request's 30- and 500-token documents share a batch, mostly padding.
         The second value says whether the batch is full: at the row limit, or a
-        waiting pair did not fit (waiting longer would not help). Nothing is
-        taken from the queue; `remove` does that.
+        waiting pair did not fit the budget (waiting longer would not help; a
+        pair refused for padding may yet find company). Nothing is taken from
+        the queue; `remove` does that.
         """
         anchor = self.oldest()
         if anchor is None:
             return [], False
         at = bisect.bisect_left(self._by_length, (anchor.length, anchor.seq))
-        left, right = at - 1, at + 1
-        chosen, width, refused = [anchor], anchor.length, False
+        left, right = at - 1, at + 1  # the next candidates; -1 or len() once a side is closed
+        chosen, width, real, full = [anchor], anchor.length, anchor.length, False
         while len(chosen) < max_rows:
-            take_left = left >= 0 and (
-                right >= len(self._by_length)
-                or anchor.length - self._by_length[left][0] <= self._by_length[right][0] - anchor.length
-            )
-            if not take_left and right >= len(self._by_length):
-                return chosen, refused
+            has_left, has_right = left >= 0, right < len(self._by_length)
+            if not (has_left or has_right):
+                return chosen, full
+            take_left = has_left and (not has_right or anchor.length - self._by_length[left][0] <= self._by_length[right][0] - anchor.length)
             length, seq = self._by_length[left if take_left else right]
-            if (len(chosen) + 1) * max(width, length) > max_tokens:
-                if take_left:
-                    return chosen, True  # not even a shorter pair fits
-                refused, right = True, len(self._by_length)  # longer pairs do not fit; shorter ones may
+            padded = (len(chosen) + 1) * max(width, length)
+            if padded > max_tokens or real + length < min_efficiency * padded:
+                # Farther pairs on this side would do no better: close it.
+                full = full or padded > max_tokens
+                left, right = (-1, right) if take_left else (left, len(self._by_length))
                 continue
             chosen.append(self._items[seq])
-            width = max(width, length)
+            width, real = max(width, length), real + length
             if take_left:
                 left -= 1
             else:
@@ -207,6 +211,7 @@ class Batcher:
         metrics: Metrics,
         *,
         max_batch_size: int,
+        min_padding_efficiency: float,
         max_wait_ms: float,
         max_queue_pairs: int,
         max_queue_tokens: int,
@@ -214,6 +219,7 @@ class Batcher:
         self._pool = pool
         self._metrics = metrics
         self._max_rows = max_batch_size
+        self._min_efficiency = min_padding_efficiency
         self._max_wait = max_wait_ms / 1000
         self._max_queue_pairs = max_queue_pairs
         self._max_queue_tokens = max_queue_tokens
@@ -321,7 +327,7 @@ class Batcher:
             worker = self._pool.least_loaded()
             if worker is None:
                 break
-            items, full = self._queue.plan(worker.token_budget, self._max_rows)
+            items, full = self._queue.plan(worker.token_budget, self._max_rows, self._min_efficiency)
             waited = loop.time() - items[0].enqueued_at
             if not full and waited < self._max_wait:
                 return self._next_deadline_in(self._max_wait - waited)

@@ -94,6 +94,7 @@ async def _serve(settings: Settings) -> int:
         pool,
         metrics,
         max_batch_size=settings.max_batch_size,
+        min_padding_efficiency=settings.min_padding_efficiency,
         max_wait_ms=settings.max_wait_ms,
         max_queue_pairs=settings.max_queue_pairs,
         max_queue_tokens=settings.max_queue_tokens,

@@ -46,6 +46,7 @@ class Settings:
     # Batching
     max_batch_tokens: int = _setting(32768, "padded tokens (rows x longest row) per batch")
     max_batch_size: int = _setting(256, "rows per batch")
+    min_padding_efficiency: float = _setting(0.9, "real tokens over padded tokens a batch must keep; pairs of very different lengths go to different batches (0: no bound)")
     max_wait_ms: float = _setting(2.0, "longest a partly filled batch waits for more work while a worker is free")
     batches_in_flight: int = _setting(2, "batches queued on each worker, so that it never idles between batches")
     # Admission
@@ -95,6 +96,8 @@ class Settings:
             yield f"max_batch_tokens ({self.max_batch_tokens}) must hold one pair of max_length ({self.max_length})"
         if self.max_queue_pairs < self.max_documents_per_request:
             yield f"max_queue_pairs ({self.max_queue_pairs}) must hold one full request ({self.max_documents_per_request} documents)"
+        if not 0 <= self.min_padding_efficiency <= 1:
+            yield f"min_padding_efficiency must lie in [0, 1], got {self.min_padding_efficiency}"
         if self.max_wait_ms < 0 or self.grace_period_s < 0 or self.batch_timeout_s <= 0:
             yield "max_wait_ms and grace_period_s must be >= 0, batch_timeout_s > 0"
         if bool(self.tls_cert) != bool(self.tls_key):

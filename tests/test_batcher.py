@@ -43,6 +43,28 @@ def test_budget_counts_padding():
 
 
 @in_loop
+def test_padding_efficiency_bound_keeps_lengths_apart():
+    lengths = [30, 500, 35, 480, 40, 490, 32, 470]  # one request's short and long documents
+    queue, _ = queue_of(lengths)
+    batch, full = queue.plan(max_tokens=100_000, max_rows=64, min_efficiency=0.9)
+    assert sorted(item.length for item in batch) == [30, 32, 35]  # 40 would bring it to 137/160 < 0.9
+    assert not full  # refused for padding, not for room: a later pair may fit
+    batches = []
+    while len(queue):
+        batch, _ = queue.plan(max_tokens=100_000, max_rows=64, min_efficiency=0.9)
+        for item in batch:
+            queue.remove(item)
+        batches.append(batch)
+    for batch in batches:
+        assert sum(item.length for item in batch) >= 0.9 * len(batch) * max(item.length for item in batch)
+    assert sum(len(batch) for batch in batches) == len(lengths)
+    # the control: with no bound, one batch mostly of padding
+    queue, _ = queue_of(lengths)
+    batch, _ = queue.plan(max_tokens=100_000, max_rows=64)
+    assert len(batch) == len(lengths)
+
+
+@in_loop
 def test_row_limit_and_full_flag():
     queue, _ = queue_of([10] * 10)
     batch, full = queue.plan(max_tokens=10_000, max_rows=4)
