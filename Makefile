@@ -44,10 +44,12 @@ serve: install
 proto: install
 	$(BIN)/python scripts/generate_stubs.py
 
-bench: install $(DEMO_MODEL)/config.json
-	$(BIN)/python -m bench.engine --shape tiny --pairs 200
-	$(BIN)/python -m bench.load --model $(DEMO_MODEL) --duration 15 \
-		--config "batched:" --config "unbatched:--max-batch-size 1"
+# make bench WORKLOAD=b   (the card recipe, sentence-transformers, the engine and the
+# service side by side on a random CPU-sized Qwen3; workload a, b or c; see bench/compare.py)
+WORKLOAD ?= a
+bench: install
+	$(BIN)/python -c "import sentence_transformers" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python -m bench.compare --shape cpu --workload $(WORKLOAD)
 
 # make soak SECONDS=600   (steady load on the demo model; reports errors, p50/p99, memory)
 SECONDS ?= 300

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
+from collections.abc import Sequence
 
 # Qwen3-Reranker shapes (config.json of the published checkpoints).
 SHAPES = {
@@ -11,6 +13,8 @@ SHAPES = {
     "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
     "4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
     "8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    # Not a published shape: big enough that compute, not Python, dominates on a 2-core CPU.
+    "cpu": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64, tie_word_embeddings=True),
 }
 
 _WORDS = (
@@ -26,15 +30,18 @@ def random_config(shape: str):
     return Qwen3Config(vocab_size=151669, max_position_embeddings=40960, rope_theta=1_000_000.0, **SHAPES[shape])
 
 
-def save_random_checkpoint(shape: str, directory: str, tokenizer_dir: str | None = None, dtype: str = "bfloat16") -> None:
-    """A random-weight checkpoint in a real shape, with the real tokenizer, for serving benchmarks."""
+def save_random_checkpoint(shape: str, directory: str, tokenizer_dir: str | None = None, dtype: str = "bfloat16", device: str = "cpu") -> None:
+    """A random-weight checkpoint in a real shape, with the real tokenizer, for serving benchmarks.
+    `device` is where the weights are drawn: a GPU draws a 4B model in seconds."""
     import torch
     from transformers import Qwen3ForCausalLM
 
     from workers.demo import copy_tokenizer
 
     torch.manual_seed(0)
-    Qwen3ForCausalLM(random_config(shape)).to(getattr(torch, dtype)).save_pretrained(directory)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(random_config(shape))
+    model.to(getattr(torch, dtype)).save_pretrained(directory)
     copy_tokenizer(directory, tokenizer_dir)
 
 
@@ -63,3 +70,12 @@ class Stopwatch:
     def __exit__(self, *_):
         self._synchronize()
         self.seconds = time.perf_counter() - self.start
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """The p-th percentile (0 to 100), interpolating between the closest ranks."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * p / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)

