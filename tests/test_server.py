@@ -61,7 +61,9 @@ def test_rerank_equals_the_recipe(stub, recipe):
     assert logits == sorted(logits, reverse=True)
     assert response.usage.documents == len(DOCUMENTS)
     assert response.usage.tokens == sum(result.tokens for result in response.results)
-    assert response.timing.total.ToNanoseconds() >= response.timing.compute.ToNanoseconds() > 0
+    # compute is summed over batches, which may run at once on both workers: it can exceed total
+    assert response.timing.total.ToNanoseconds() >= response.timing.queue.ToNanoseconds()
+    assert response.timing.compute.ToNanoseconds() > 0
 
 
 def test_instruction_top_n_and_documents(stub, recipe):
