@@ -118,6 +118,20 @@ def test_shared_prefixes_are_computed_once(tiny_model, fp32):
     assert sum(computed) < 0.8 * len(encoded) * max(pair.length for pair in encoded)
 
 
+def test_a_prefix_too_small_to_pay_is_not_shared(fp32):
+    computed = []
+    hook = fp32.backbone.get_input_embeddings().register_forward_hook(lambda _m, args, _o: computed.append(args[0].numel()))
+    try:
+        rows = torch.arange(200, dtype=torch.int32).reshape(2, 100) + 1000
+        rows[:, :2] = 7  # two shared tokens of 200: 1% skipped, below the 5% that pays
+        fp32.score([100, 100], rows.flatten(), [2, 2])
+        rows[:, :30] = 7  # 15%: shared
+        fp32.score([100, 100], rows.flatten(), [30, 30])
+    finally:
+        hook.remove()
+    assert computed == [200, 30, 140]
+
+
 def test_bad_shared_lengths_are_refused(fp32):
     with pytest.raises(ValueError, match="shared length"):
         fp32.score([3], torch.tensor([5, 6, 7], dtype=torch.int32), [3])

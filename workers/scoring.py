@@ -33,6 +33,12 @@ from workers.precision import resolve_precision
 from workers.prompt import answer_token_ids
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Share prefixes only when that skips at least this fraction of a batch's tokens.
+# The shared path needs an explicit attention mask; equal-length rows scored whole
+# need none and take a faster kernel: four 4,077-token rows sharing 70 tokens took
+# 15.1 s shared and 10.3-13.2 s whole on the CPU, eight 1,000-token rows 3.2 s
+# shared and 3.4 s whole (6% skipped).
+_MIN_SHARED_FRACTION = 0.05
 
 
 @dataclass
@@ -98,6 +104,9 @@ class Scorer:
             if row.shared:
                 groups.setdefault(row.key, []).append(index)
         together = [index for members in groups.values() if len(members) > 1 for index in members]
+        skipped = sum((len(members) - 1) * rows[members[0]].shared for members in groups.values())
+        if skipped < _MIN_SHARED_FRACTION * sum(len(row.tokens) for row in rows):
+            together = []
         alone = sorted(set(range(len(rows))) - set(together))
         logits = torch.empty(len(rows))
         if together:
