@@ -299,7 +299,7 @@ class Batcher:
         self._closed = self._stopped = True
         self._wakeup.set()
         if self._task is not None:
-            await self._task
+            await asyncio.gather(self._task, return_exceptions=True)  # a crashed loop must not stop shutdown
         for job in list(self.jobs.values()):
             self._end(job, error, "failed")
 

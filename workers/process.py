@@ -4,7 +4,8 @@ Started by the front end's pool with the spawn start method, one or more per
 device. It receives ScoreBatch frames on a socket and answers each with
 BatchScores or BatchFailed, in order. Batching decisions are not made here:
 the front end's batcher chose the rows of every batch; the worker only pads,
-runs, and splits a batch in halves if the device runs out of memory.
+computes shared prefixes once, runs, and splits a batch in halves if the
+device runs out of memory.
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ class Failure(enum.IntEnum):
 @dataclass(frozen=True)
 class ScoreBatch:
     """Rows of token ids to score. The batcher decided their grouping; the worker
-    only pads them (on the right) and runs them, splitting only on OOM."""
+    only pads them (on the right), computes their shared prefixes once, and runs
+    them, splitting only on OOM."""
 
     batch_id: int
     lengths: array  # array('i'), one per row
