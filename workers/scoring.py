@@ -20,7 +20,6 @@ content, so sharing never depends on where the rows came from.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -103,14 +102,15 @@ class Scorer:
         for index, row in enumerate(rows):
             if row.shared:
                 groups.setdefault(row.key, []).append(index)
-        together = [index for members in groups.values() if len(members) > 1 for index in members]
-        skipped = sum((len(members) - 1) * rows[members[0]].shared for members in groups.values())
+        sharing = [members for members in groups.values() if len(members) > 1]
+        skipped = sum((len(members) - 1) * rows[members[0]].shared for members in sharing)
         if skipped < _MIN_SHARED_FRACTION * sum(len(row.tokens) for row in rows):
-            together = []
+            sharing = []
+        together = [index for members in sharing for index in members]
         alone = sorted(set(range(len(rows))) - set(together))
         logits = torch.empty(len(rows))
         if together:
-            logits[together] = self._forward_sharing([rows[index] for index in together])
+            logits[together] = self._forward_sharing([[rows[index] for index in members] for members in sharing])
         if alone:
             logits[alone] = self._forward_whole([rows[index].tokens for index in alone])
         return logits
@@ -124,18 +124,14 @@ class Scorer:
         ).last_hidden_state
         return self._answer(hidden, lengths)
 
-    def _forward_sharing(self, rows: list[_Row]) -> torch.Tensor:
-        """Each distinct prefix runs once; its keys and values are copied to the
-        rows that start with it, and the rest of each row runs after them with
-        explicit positions. Prefixes and rests are both padded on the right, so
-        a row's keys may have a masked gap between its prefix and its rest."""
-        prefix_of: dict[bytes, int] = {}
-        prefixes = []
-        for row in rows:
-            if row.key not in prefix_of:
-                prefix_of[row.key] = len(prefixes)
-                prefixes.append(row.tokens[: row.shared])
-        prefix_ids, prefix_mask, _ = _pad_right(prefixes)
+    def _forward_sharing(self, groups: list[list[_Row]]) -> torch.Tensor:
+        """Logits of the groups' rows, group after group. Each group's prefix
+        runs once; its keys and values are copied to the group's rows, and the
+        rest of each row runs after them with explicit positions. Prefixes and
+        rests are both padded on the right, so a row's keys may have a masked
+        gap between its prefix and its rest."""
+        rows = [row for group in groups for row in group]
+        prefix_ids, prefix_mask, _ = _pad_right([group[0].tokens[: group[0].shared] for group in groups])
         cache = DynamicCache(config=self.backbone.config)
         self.backbone(
             input_ids=self._put(prefix_ids),
@@ -143,7 +139,7 @@ class Scorer:
             use_cache=True,
             **{self._cache_keyword: cache},
         )
-        which = torch.tensor([prefix_of[row.key] for row in rows])
+        which = torch.tensor([number for number, group in enumerate(groups) for _ in group])
         cache.batch_select_indices(which.to(self.device))
         rest_ids, rest_mask, lengths = _pad_right([row.tokens[row.shared :] for row in rows])
         starts = torch.tensor([row.shared for row in rows])
@@ -190,7 +186,7 @@ class _Row:
     tokens: torch.Tensor
     shared: int
 
-    @functools.cached_property
+    @property
     def key(self) -> bytes:
         return self.tokens[: self.shared].numpy().tobytes()
 
