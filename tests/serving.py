@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -113,6 +114,18 @@ class Server:
 
     def log_text(self) -> str:
         return "\n".join(list(self.raw)[-400:])
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float, interval: float = 0.02) -> object:
+    """Poll `condition` until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
 
 
 def children(pid: int, marker: str = "") -> list[int]:

@@ -192,32 +192,22 @@ def test_async_client_retries(flaky):
     assert servicer.attempts["async"] == 3
 
 
-def test_no_retries_with_one_attempt(flaky):
+@pytest.mark.parametrize(
+    "max_attempts, query, code, attempts",
+    [
+        (1, "UNAVAILABLE:2", grpc.StatusCode.UNAVAILABLE, 1),  # retries off
+        (3, "UNAVAILABLE:5", grpc.StatusCode.UNAVAILABLE, 3),  # retries stop at max_attempts
+        (3, "INVALID_ARGUMENT:5", grpc.StatusCode.INVALID_ARGUMENT, 1),  # other codes are not retried
+    ],
+)
+def test_retries_end_with_the_status(flaky, max_attempts, query, code, attempts):
     servicer, address = flaky
-    with RerankerClient(address, max_attempts=1, timeout=30) as client:
+    with RerankerClient(address, max_attempts=max_attempts, timeout=30) as client:
         with pytest.raises(RerankerError) as error:
-            client.rerank("UNAVAILABLE:2", ["a"], request_id="once")
-    assert error.value.code == grpc.StatusCode.UNAVAILABLE
-    assert error.value.message == "attempt 1 fails on purpose"
-    assert servicer.attempts["once"] == 1
-
-
-def test_retries_stop_at_max_attempts(flaky):
-    servicer, address = flaky
-    with RerankerClient(address, max_attempts=3, timeout=30) as client:
-        with pytest.raises(RerankerError) as error:
-            client.rerank("UNAVAILABLE:5", ["a"], request_id="exhausted")
-    assert error.value.code == grpc.StatusCode.UNAVAILABLE
-    assert servicer.attempts["exhausted"] == 3
-
-
-def test_other_codes_are_not_retried(flaky):
-    servicer, address = flaky
-    with RerankerClient(address, max_attempts=3, timeout=30) as client:
-        with pytest.raises(RerankerError) as error:
-            client.rerank("INVALID_ARGUMENT:5", ["a"], request_id="invalid")
-    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert servicer.attempts["invalid"] == 1
+            client.rerank(query, ["a"], request_id=query)
+    assert error.value.code == code
+    assert error.value.message == f"attempt {attempts} fails on purpose"
+    assert servicer.attempts[query] == attempts
 
 
 def test_token_and_deadline_reach_the_server(flaky):

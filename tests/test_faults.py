@@ -16,19 +16,9 @@ from grpc_health.v1 import health_pb2
 
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc
-from tests.serving import alive, start_server
+from tests.serving import alive, start_server, wait_until
 
 OUTCOMES = ("scored", "discarded", "cancelled", "expired", "failed")
-
-
-def wait_until(condition, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def settled(server) -> bool:
@@ -71,7 +61,7 @@ def test_cancelling_a_stream_drops_its_queued_work(slow):
         first = next(stream)
         assert first.WhichOneof("event") == "scored" and len(first.scored.results) <= 8
         stream.cancel()
-    wait_until(lambda: settled(slow), what="the queue to empty after the cancel")
+    wait_until(lambda: settled(slow), "the queue to empty after the cancel", 30)
     # 80 pairs, 8 per batch, at most two batches on the worker: most never ran
     assert slow.metric("reranker_pairs_total", outcome="cancelled") - cancelled_before >= 80 - 4 * 8
 
@@ -84,9 +74,9 @@ def test_cancel_100_calls_mid_flight(slow):
         async with grpc.aio.insecure_channel(slow.address) as channel:
             stub = reranker_pb2_grpc.RerankerStub(channel)
             filler = asyncio.ensure_future(_rerank(stub, 80))  # about 1 s of work ahead of the others
-            await asyncio.to_thread(wait_until, lambda: slow.metric("reranker_queue_pairs") > 0, 30, "the filler queued")
+            await asyncio.to_thread(wait_until, lambda: slow.metric("reranker_queue_pairs") > 0, "the filler queued", 30)
             calls = [asyncio.ensure_future(_rerank(stub, 1, tag=f"c{i}")) for i in range(100)]
-            await asyncio.to_thread(wait_until, lambda: slow.metric("reranker_queue_pairs") >= 100, 30, "the calls queued")
+            await asyncio.to_thread(wait_until, lambda: slow.metric("reranker_queue_pairs") >= 100, "the calls queued", 30)
             for call in calls:
                 call.cancel()
             return await asyncio.gather(*calls, return_exceptions=True), await filler
@@ -94,7 +84,7 @@ def test_cancel_100_calls_mid_flight(slow):
     results, filler = asyncio.run(scenario())
     assert len(results) == 100 and len(filler.results) == 80
     assert all(isinstance(r, (asyncio.CancelledError, pb.RerankResponse)) for r in results)
-    wait_until(lambda: settled(slow), what="the queue to empty")
+    wait_until(lambda: settled(slow), "the queue to empty", 30)
     moved = {o: slow.metric("reranker_pairs_total", outcome=o) - before[o] for o in OUTCOMES}
     admitted = slow.metric("reranker_pairs_admitted_total") - admitted_before
     # a call cancelled before the server admitted it never counts; every admitted pair has one outcome
@@ -111,7 +101,7 @@ def test_deadline_expires_while_queued(slow):
         async with grpc.aio.insecure_channel(slow.address) as channel:
             stub = reranker_pb2_grpc.RerankerStub(channel)
             filler = asyncio.ensure_future(_rerank(stub, 96))  # 12 batches, about 1.2 s of work
-            await asyncio.to_thread(wait_until, lambda: slow.metric("reranker_queue_pairs") > 0, 30, "a queue")
+            await asyncio.to_thread(wait_until, lambda: slow.metric("reranker_queue_pairs") > 0, "a queue", 30)
             start = time.monotonic()
             try:
                 await _rerank(stub, 2, timeout=0.3, tag="late")
@@ -122,7 +112,7 @@ def test_deadline_expires_while_queued(slow):
     filler, (code, seconds) = asyncio.run(scenario())
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert len(filler.results) == 96  # the work ahead of it was untouched
-    wait_until(lambda: settled(slow), what="the queue to empty")
+    wait_until(lambda: settled(slow), "the queue to empty", 30)
     dropped = slow.metric("reranker_pairs_total", outcome="expired") - expired_before
     dropped += slow.metric("reranker_pairs_total", outcome="cancelled") - cancelled_before
     assert dropped == 2  # both pairs left the queue without reaching the worker
@@ -142,7 +132,7 @@ def test_rerank_many_per_request_timeout_and_cancel(slow):
     assert len(answers["big"].results) == 64 and not answers["big"].HasField("error")
     assert answers["hurried"].error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
     assert answers["unwanted"].error.code == grpc.StatusCode.CANCELLED.value[0]
-    wait_until(lambda: settled(slow), what="the queue to empty")
+    wait_until(lambda: settled(slow), "the queue to empty", 30)
 
 
 def test_burst_beyond_the_queue_bound(slow):
@@ -175,7 +165,7 @@ def test_burst_beyond_the_queue_bound(slow):
     assert max(s for _, s in refused) < max(s for _, s in served)
     for response, _ in served:
         assert [r.logit for r in response.results] == pytest.approx([r.logit for r in reference.results], abs=1e-5)
-    wait_until(lambda: settled(slow), what="the queue to empty")
+    wait_until(lambda: settled(slow), "the queue to empty", 30)
 
 
 def test_bad_bytes_on_the_wire(slow):
@@ -219,7 +209,7 @@ def test_worker_killed_mid_batch_under_load(tiny_model, server_factory):
             stub = reranker_pb2_grpc.RerankerStub(channel)
 
             calls = [asyncio.ensure_future(_outcome(_rerank(stub, 6, timeout=30, tag=f"k{i}"))) for i in range(20)]
-            await asyncio.to_thread(wait_until, lambda: server.metric("reranker_batches_total", worker="0") > 0, 30, "a batch on worker 0")
+            await asyncio.to_thread(wait_until, lambda: server.metric("reranker_batches_total", worker="0") > 0, "a batch on worker 0", 30)
             victim = sorted(server.worker_pids())[0]
             os.kill(victim, signal.SIGKILL)
             start = time.monotonic()
@@ -233,11 +223,11 @@ def test_worker_killed_mid_batch_under_load(tiny_model, server_factory):
             assert result.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL), result.details()
     assert sum(isinstance(r, pb.RerankResponse) for r in results) >= 10  # the other worker carried on, batches were retried
     assert server.metric("reranker_batch_retries_total") >= 1
-    wait_until(lambda: server.metric("reranker_worker_ready") == 2, 60, "the pool back at full strength")
+    wait_until(lambda: server.metric("reranker_worker_ready") == 2, "the pool back at full strength", 60)
     assert server.metric("reranker_worker_restarts_total") == 1
     assert len(server.worker_pids()) == 2
     assert len(asyncio.run(_stub_call(server)).results) == 3
-    wait_until(lambda: settled(server), what="no leaked queue entries")
+    wait_until(lambda: settled(server), "no leaked queue entries", 30)
 
 
 async def _stub_call(server):
@@ -249,11 +239,11 @@ def test_no_worker_alive_means_not_serving(tiny_model, server_factory):
     server = server_factory(tiny_model, "--workers-per-device", "1", "--cpu-threads", "1")
     for pid in server.worker_pids():
         os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: server.health() == health_pb2.HealthCheckResponse.NOT_SERVING, 30, "NOT_SERVING")
+    wait_until(lambda: server.health() == health_pb2.HealthCheckResponse.NOT_SERVING, "NOT_SERVING", 30)
     with server.channel() as channel, pytest.raises(grpc.RpcError) as error:
         reranker_pb2_grpc.RerankerStub(channel).Rerank(pb.RerankRequest(query="q", documents=["a"]), timeout=10)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
-    wait_until(lambda: server.health() == health_pb2.HealthCheckResponse.SERVING, 60, "SERVING again")
+    wait_until(lambda: server.health() == health_pb2.HealthCheckResponse.SERVING, "SERVING again", 60)
     assert len(asyncio.run(_stub_call(server)).results) == 3
 
 
@@ -282,7 +272,7 @@ def test_sigterm_under_load_drains_and_leaves_no_process(tiny_model, server_fact
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = reranker_pb2_grpc.RerankerStub(channel)
             calls = [asyncio.ensure_future(_rerank(stub, 8, timeout=60, tag=f"t{i}")) for i in range(10)]
-            await asyncio.to_thread(wait_until, lambda: server.metric("reranker_pairs_admitted_total") == 80, 30, "all ten admitted")
+            await asyncio.to_thread(wait_until, lambda: server.metric("reranker_pairs_admitted_total") == 80, "all ten admitted", 30)
             server.process.send_signal(signal.SIGTERM)
             await asyncio.to_thread(server.wait_for_event, "shutting_down")
             try:
@@ -296,7 +286,7 @@ def test_sigterm_under_load_drains_and_leaves_no_process(tiny_model, server_fact
     assert all(isinstance(r, pb.RerankResponse) and len(r.results) == 8 for r in results), results
     assert late == grpc.StatusCode.UNAVAILABLE
     assert server.process.wait(60) == 0
-    wait_until(lambda: not any(alive(pid) for pid in workers), 10, "the workers to exit")
+    wait_until(lambda: not any(alive(pid) for pid in workers), "the workers to exit", 10)
 
 
 def test_grace_expiry_ends_every_call(tiny_model, server_factory):
@@ -309,7 +299,7 @@ def test_grace_expiry_ends_every_call(tiny_model, server_factory):
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = reranker_pb2_grpc.RerankerStub(channel)
             calls = [asyncio.ensure_future(_rerank(stub, 10, timeout=60, tag=f"g{i}")) for i in range(4)]
-            await asyncio.to_thread(wait_until, lambda: server.metric("reranker_batches_total") > 0, 30, "work in flight")
+            await asyncio.to_thread(wait_until, lambda: server.metric("reranker_batches_total") > 0, "work in flight", 30)
             server.process.send_signal(signal.SIGTERM)
             return await asyncio.gather(*calls, return_exceptions=True)
 
@@ -327,7 +317,7 @@ def test_workers_die_with_a_killed_server(tiny_model, server_factory):
     assert len(workers) == 2
     server.process.kill()
     server.process.wait(10)
-    wait_until(lambda: not any(alive(pid) for pid in workers), 10, "orphaned workers to exit")
+    wait_until(lambda: not any(alive(pid) for pid in workers), "orphaned workers to exit", 10)
 
 
 def test_concurrent_call_cap(tiny_model, server_factory):

