@@ -26,7 +26,7 @@ import time
 
 import grpc
 
-from bench.common import synthetic_requests
+from bench.common import percentile, synthetic_requests
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc
 
@@ -78,10 +78,8 @@ async def run_load(target: str, duration: float, concurrency: int, documents: in
         await asyncio.gather(*(client(n) for n in range(concurrency)))
         elapsed = time.perf_counter() - began
 
-    latencies.sort()
-
-    def percentile(p: float) -> float:
-        return round(1000 * latencies[min(len(latencies) - 1, int(p * len(latencies)))], 1) if latencies else float("nan")
+    def p_ms(p: float) -> float:
+        return round(1000 * percentile(latencies, p), 1) if latencies else float("nan")
 
     return {
         "seconds": round(elapsed, 1),
@@ -90,8 +88,8 @@ async def run_load(target: str, duration: float, concurrency: int, documents: in
         "requests_per_s": round(statuses["OK"] / elapsed, 2),
         "pairs_per_s": round(pairs / elapsed, 1),
         "tokens_per_s": round(tokens / elapsed),
-        "p50_ms": percentile(0.50),
-        "p99_ms": percentile(0.99),
+        "p50_ms": p_ms(50),
+        "p99_ms": p_ms(99),
         "mean_ms": round(1000 * statistics.fmean(latencies), 1) if latencies else float("nan"),
     }
 
