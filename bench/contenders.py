@@ -91,7 +91,9 @@ class CardRecipe:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(setup.model_dir, padding_side="left")
-        self.model = AutoModelForCausalLM.from_pretrained(setup.model_dir, device_map={"": setup.device}, **model_arguments(setup.precision)).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            setup.model_dir, device_map={"": setup.device}, **model_arguments(setup.precision)
+        ).eval()
         self.prefix_tokens = self.tokenizer.encode(SYSTEM_PREFIX, add_special_tokens=False)
         self.suffix_tokens = self.tokenizer.encode(SUFFIX, add_special_tokens=False)
         self.yes = self.tokenizer.convert_tokens_to_ids("yes")
@@ -105,7 +107,9 @@ class CardRecipe:
 
     def process_inputs(self, pairs: list[str]):
         budget = self.setup.max_length - len(self.prefix_tokens) - len(self.suffix_tokens)
-        inputs = self.tokenizer(pairs, padding=False, truncation="longest_first", return_attention_mask=False, max_length=budget)
+        inputs = self.tokenizer(
+            pairs, padding=False, truncation="longest_first", return_attention_mask=False, max_length=budget
+        )
         for i, ele in enumerate(inputs["input_ids"]):
             inputs["input_ids"][i] = self.prefix_tokens + ele + self.suffix_tokens
         inputs = self.tokenizer.pad(inputs, padding=True, return_tensors="pt", max_length=self.setup.max_length)
@@ -143,7 +147,9 @@ class SentenceTransformersReranker:
     def embeddings(self) -> torch.nn.Module:
         from transformers import PreTrainedModel
 
-        return next(module for module in self.model.modules() if isinstance(module, PreTrainedModel)).get_input_embeddings()
+        return next(
+            module for module in self.model.modules() if isinstance(module, PreTrainedModel)
+        ).get_input_embeddings()
 
     def __call__(self, query: str, documents: Sequence[str]) -> list[float]:
         head = SYSTEM_PREFIX + format_body(DEFAULT_INSTRUCTION, query, "").removesuffix("<Document>: ")
@@ -161,7 +167,9 @@ class EngineReranker:
         from workers.scoring import load_scorer
 
         self.scorer = load_scorer(setup.model_dir, setup.device, setup.precision)
-        self.encoder = PromptEncoder(Tokenizer.from_file(str(pathlib.Path(setup.model_dir) / "tokenizer.json")), setup.max_length)
+        self.encoder = PromptEncoder(
+            Tokenizer.from_file(str(pathlib.Path(setup.model_dir) / "tokenizer.json")), setup.max_length
+        )
         self.setup = setup
 
     @property
@@ -176,7 +184,11 @@ class EngineReranker:
             ids = array("i")
             for row in rows:
                 ids.extend(row.ids)
-            logits, _ = self.scorer.score([row.length for row in rows], torch.frombuffer(ids, dtype=torch.int32), shared=[row.shared for row in rows])
+            logits, _ = self.scorer.score(
+                [row.length for row in rows],
+                torch.frombuffer(ids, dtype=torch.int32),
+                shared=[row.shared for row in rows],
+            )
             for index, logit in zip(batch, logits.tolist()):
                 scores[index] = logit
         return scores
@@ -250,7 +262,10 @@ def measure(name: str, setup: Setup, requests: Sequence[Request]) -> Run:
     if sync:
         run.peak_memory_bytes, run.memory_source = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
     else:
-        run.peak_memory_bytes, run.memory_source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
+        run.peak_memory_bytes, run.memory_source = (
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "ru_maxrss",
+        )
     return run
 
 
@@ -314,7 +329,9 @@ async def drive(address: str, requests: Sequence[Request], clients: int) -> Run:
             for index in pending:
                 request = requests[index]
                 with Stopwatch() as watch:
-                    response = await stub.Rerank(pb.RerankRequest(query=request.query, documents=request.documents), timeout=RPC_TIMEOUT_S)
+                    response = await stub.Rerank(
+                        pb.RerankRequest(query=request.query, documents=request.documents), timeout=RPC_TIMEOUT_S
+                    )
                 run.latencies[index] = watch.seconds
                 logits = [0.0] * len(request.documents)
                 for result in response.results:
@@ -338,7 +355,10 @@ def worker_peak_memory(pid: int, device: str) -> tuple[int | None, str]:
 
     try:
         listing = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
         listing = ""

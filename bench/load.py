@@ -47,7 +47,9 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
-async def run_load(target: str, duration: float, concurrency: int, documents: int, timeout: float, mean_words: int) -> dict:
+async def run_load(
+    target: str, duration: float, concurrency: int, documents: int, timeout: float, mean_words: int
+) -> dict:
     workload = synthetic_requests(256, documents, seed=1, mean_words=mean_words)
     latencies: list[float] = []
     statuses: collections.Counter = collections.Counter()
@@ -108,7 +110,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
 
-    load = lambda target: asyncio.run(run_load(target, args.duration, args.concurrency, args.documents, args.timeout, args.mean_words))  # noqa: E731
+    load = lambda target: asyncio.run(
+        run_load(target, args.duration, args.concurrency, args.documents, args.timeout, args.mean_words)
+    )
     report: dict = {"load": {k: getattr(args, k) for k in ("duration", "concurrency", "documents", "mean_words")}}
     if args.target:
         before = rss_bytes(args.pid) if args.pid else 0
@@ -134,7 +138,9 @@ def main(argv=None) -> dict:
         names = [c.partition(":")[0] for c in args.config]
         if len(names) > 1:
             first = report[names[0]]["pairs_per_s"] or float("nan")
-            report["pairs_per_s_ratio_to_" + names[0]] = {n: round(report[n]["pairs_per_s"] / first, 2) for n in names[1:]}
+            report["pairs_per_s_ratio_to_" + names[0]] = {
+                n: round(report[n]["pairs_per_s"] / first, 2) for n in names[1:]
+            }
     print(json.dumps(report, indent=2))
     if args.json:
         with open(args.json, "w") as handle:

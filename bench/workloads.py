@@ -28,16 +28,7 @@ from tokenizers import Tokenizer
 
 # Pure-Python standard-library modules with many documented functions; any a
 # build lacks is skipped.
-MODULES = (
-    "argparse ast asyncio.streams asyncio.tasks base64 bisect calendar collections configparser contextlib copy csv "
-    "dataclasses datetime decimal difflib email.message email.utils enum fnmatch fractions ftplib functools getopt "
-    "gettext glob gzip hashlib heapq hmac html.parser http.client http.cookies http.server imaplib inspect ipaddress "
-    "json logging logging.handlers mailbox mimetypes netrc operator optparse os pathlib pdb pickle pkgutil platform "
-    "poplib pprint pydoc queue random re sched secrets selectors shelve shlex shutil smtplib socket socketserver ssl "
-    "statistics string subprocess sysconfig tarfile tempfile textwrap threading timeit tokenize traceback typing "
-    "unittest.case unittest.mock urllib.parse urllib.request uuid warnings weakref xml.dom.minidom "
-    "xml.etree.ElementTree zipfile zipimport"
-).split()
+MODULES = ["argparse", "ast", "asyncio.streams", "asyncio.tasks", "base64", "bisect", "calendar", "collections", "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "email.message", "email.utils", "enum", "fnmatch", "fractions", "ftplib", "functools", "getopt", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac", "html.parser", "http.client", "http.cookies", "http.server", "imaplib", "inspect", "ipaddress", "json", "logging", "logging.handlers", "mailbox", "mimetypes", "netrc", "operator", "optparse", "os", "pathlib", "pdb", "pickle", "pkgutil", "platform", "poplib", "pprint", "pydoc", "queue", "random", "re", "sched", "secrets", "selectors", "shelve", "shlex", "shutil", "smtplib", "socket", "socketserver", "ssl", "statistics", "string", "subprocess", "sysconfig", "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize", "traceback", "typing", "unittest.case", "unittest.mock", "urllib.parse", "urllib.request", "uuid", "warnings", "weakref", "xml.dom.minidom", "xml.etree.ElementTree", "zipfile", "zipimport"]
 
 
 @dataclass(frozen=True)
@@ -67,8 +58,12 @@ class Spec:
 
 SPECS = {
     "a": Spec("RAG: 1 query + 50 documents of 30-500 tokens", documents=50, clients=4, requests=4, card_requests=1),
-    "b": Spec("small requests: 1 query + 5 documents, 64 clients", documents=5, clients=64, requests=128, card_requests=4),
-    "c": Spec("long documents: 1 query + 4 documents of ~4,000 tokens", documents=4, clients=2, requests=2, card_requests=1),
+    "b": Spec(
+        "small requests: 1 query + 5 documents, 64 clients", documents=5, clients=64, requests=128, card_requests=4
+    ),
+    "c": Spec(
+        "long documents: 1 query + 4 documents of ~4,000 tokens", documents=4, clients=2, requests=2, card_requests=1
+    ),
 }
 SHORT_TOKENS = (30, 500)
 LONG_TOKENS = 4000
@@ -127,7 +122,9 @@ def long_documents(tokenizer: Tokenizer) -> list[tuple[str, str]]:
     return [(next(n for n in names if n in piece), piece) for piece in pieces if any(n in piece for n in names)]
 
 
-def build(name: str, tokenizer: Tokenizer, requests: int = 0, clients: int = 0, seed: int = 0, documents: int = 0) -> Workload:
+def build(
+    name: str, tokenizer: Tokenizer, requests: int = 0, clients: int = 0, seed: int = 0, documents: int = 0
+) -> Workload:
     """Workload `name` (a, b or c), its sizes the spec's unless given: each
     request's query names one document's function; the other documents are
     drawn at random from the same pool."""

@@ -168,7 +168,9 @@ class PendingQueue:
             has_left, has_right = left >= 0, right < len(self._by_length)
             if not (has_left or has_right):
                 return chosen, full
-            take_left = has_left and (not has_right or anchor.length - self._by_length[left][0] <= self._by_length[right][0] - anchor.length)
+            take_left = has_left and (
+                not has_right or anchor.length - self._by_length[left][0] <= self._by_length[right][0] - anchor.length
+            )
             length, seq = self._by_length[left if take_left else right]
             padded = (len(chosen) + 1) * max(width, length)
             if padded > max_tokens or real + length < min_efficiency * padded:
@@ -243,7 +245,9 @@ class Batcher:
         if not self._pool.ready_count:
             raise Unavailable("no worker is ready (the model is loading or a worker is restarting); retry shortly")
         if job.tokens > self._max_queue_tokens:
-            raise InvalidArgument(f"the request has {job.tokens} tokens, more than the whole queue holds (max_queue_tokens={self._max_queue_tokens})")
+            raise InvalidArgument(
+                f"the request has {job.tokens} tokens, more than the whole queue holds (max_queue_tokens={self._max_queue_tokens})"
+            )
         if len(self._queue) + len(job.rows) > self._max_queue_pairs:
             self._metrics.rejected.labels("queue_pairs").inc()
             raise ResourceExhausted(
@@ -384,7 +388,9 @@ class Batcher:
 
     def scored(self, batch: Batch, logits: array, compute_seconds: float) -> None:
         now = asyncio.get_running_loop().time()
-        self._batch_seconds = compute_seconds if not self._batch_seconds else 0.8 * self._batch_seconds + 0.2 * compute_seconds
+        self._batch_seconds = (
+            compute_seconds if not self._batch_seconds else 0.8 * self._batch_seconds + 0.2 * compute_seconds
+        )
         progress: dict[Job, list[int]] = {}
         discarded = 0
         for item, logit in zip(batch.items, logits):
@@ -397,7 +403,16 @@ class Batcher:
             progress.setdefault(job, []).append(item.index)
         for job, indices in progress.items():
             job.batches.append(
-                BatchRecord(batch.id, batch.worker, len(batch.items), len(indices), batch.padded_tokens, batch.sent_at, now, compute_seconds)
+                BatchRecord(
+                    batch.id,
+                    batch.worker,
+                    len(batch.items),
+                    len(indices),
+                    batch.padded_tokens,
+                    batch.sent_at,
+                    now,
+                    compute_seconds,
+                )
             )
             job.compute_seconds += compute_seconds
             job.started_at = max(job.started_at, now - compute_seconds)
@@ -431,7 +446,9 @@ class Batcher:
         """With no worker left alive, nothing waiting can be served: fail it now."""
         if not self._pool.alive_count:
             for job in list(self.jobs.values()):
-                self._end(job, Unavailable("every worker has died; the pool is restarting them, retry shortly"), "failed")
+                self._end(
+                    job, Unavailable("every worker has died; the pool is restarting them, retry shortly"), "failed"
+                )
         self._wakeup.set()
 
     def _queue_changed(self) -> None:

@@ -43,16 +43,24 @@ def main(argv: list[str] | None = None) -> int:
 
     client_command("info", help="print the model and the server's limits")
 
-    batch = client_command("batch", help="rerank JSON lines {query, documents[, instruction, top_n, id]} from a file or stdin")
+    batch = client_command(
+        "batch", help="rerank JSON lines {query, documents[, instruction, top_n, id]} from a file or stdin"
+    )
     batch.add_argument("input", nargs="?", default="-", help="JSON-lines file; - for stdin")
     batch.add_argument("--output", default="-", help="where to write the rankings as JSON lines; - for stdout")
     batch.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     health = client_command("health", help="ask the gRPC health service; exit 0 only when it answers SERVING")
-    health.add_argument("--service", default="", help="the service to ask about, e.g. reranker.v1.Reranker; empty means the whole server")
+    health.add_argument(
+        "--service",
+        default="",
+        help="the service to ask about, e.g. reranker.v1.Reranker; empty means the whole server",
+    )
     health.set_defaults(timeout=5.0)
 
-    demo = commands.add_parser("demo-model", help="write a tiny random-weight Qwen3 reranker (real tokenizer) for trying the service")
+    demo = commands.add_parser(
+        "demo-model", help="write a tiny random-weight Qwen3 reranker (real tokenizer) for trying the service"
+    )
     demo.add_argument("directory")
 
     args = parser.parse_args(argv)
@@ -91,7 +99,9 @@ def _client_command(args: argparse.Namespace) -> int:
                 else:
                     for rank, result in enumerate(response.results, 1):
                         flag = " (truncated)" if result.truncated else ""
-                        print(f"{rank:>3}. score={result.score:.4f} logit={result.logit:+.4f}  [{result.index}] {args.doc[result.index][:80]!r}{flag}")
+                        print(
+                            f"{rank:>3}. score={result.score:.4f} logit={result.logit:+.4f}  [{result.index}] {args.doc[result.index][:80]!r}{flag}"
+                        )
             elif args.command == "score":
                 result = client.score([(args.query, args.doc)], instruction=args.instruction).results[0]
                 print(f"score={result.score:.6f} logit={result.logit:+.6f}")
@@ -114,10 +124,14 @@ def _health(args: argparse.Namespace) -> int:
     from service.client import ChannelOptions
 
     root_certificates = open(args.ca, "rb").read() if args.ca else None
-    options = ChannelOptions(args.target, max_attempts=1, tls=args.tls or bool(args.ca), root_certificates=root_certificates)
+    options = ChannelOptions(
+        args.target, max_attempts=1, tls=args.tls or bool(args.ca), root_certificates=root_certificates
+    )
     with options.open(grpc) as channel:
         try:
-            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
         except grpc.RpcError as error:
             print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
@@ -152,12 +166,16 @@ def _batch(client, args: argparse.Namespace) -> int:
                 )
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:  # one bad line must not sink the others
-            error = pb.RequestError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=f"line {number}: {type(exc).__name__}: {exc}")
+            error = pb.RequestError(
+                code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=f"line {number}: {type(exc).__name__}: {exc}"
+            )
             unreadable.append(pb.RerankResponse(request_id=str(number), error=error))
 
     sink = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     failures = 0
-    answers = client.rerank_many(iter(requests), timeout=max(args.timeout, 1.0) * max(1, len(requests))) if requests else []
+    answers = (
+        client.rerank_many(iter(requests), timeout=max(args.timeout, 1.0) * max(1, len(requests))) if requests else []
+    )
     with tqdm(total=len(lines), disable=args.no_progress, file=sys.stderr, unit="req") as progress:
         for response in itertools.chain(unreadable, answers):
             failures += response.HasField("error")

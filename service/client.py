@@ -175,16 +175,22 @@ class RerankerClient:
         finally:
             call.cancel()  # a no-op once finished; frees the server's work if we stopped early
 
-    def rerank(self, query: str, documents: Sequence[str], *, timeout: float | None = None, **fields) -> pb.RerankResponse:
+    def rerank(
+        self, query: str, documents: Sequence[str], *, timeout: float | None = None, **fields
+    ) -> pb.RerankResponse:
         """Rank `documents` for `query`; fields: instruction, top_n, return_documents, request_id, priority, truncation."""
         return self._call(self._stub.Rerank, rerank_request(query, documents, **fields), timeout)
 
-    def rerank_stream(self, query: str, documents: Sequence[str], *, timeout: float | None = None, **fields) -> Iterator[pb.RerankStreamResponse]:
+    def rerank_stream(
+        self, query: str, documents: Sequence[str], *, timeout: float | None = None, **fields
+    ) -> Iterator[pb.RerankStreamResponse]:
         """Scores as batches complete, then the final ranking. Closing the iterator
         (or leaving a for loop over it) cancels the call and the server's queued work."""
         return self._stream(self._call(self._stub.RerankStream, rerank_request(query, documents, **fields), timeout))
 
-    def rerank_many(self, requests: Iterable[pb.RerankRequest], *, timeout: float | None = None) -> Iterator[pb.RerankResponse]:
+    def rerank_many(
+        self, requests: Iterable[pb.RerankRequest], *, timeout: float | None = None
+    ) -> Iterator[pb.RerankResponse]:
         """Many requests over one stream; answers come back as they complete, each
         with its request's request_id (and `error` set if that request failed)."""
         return self._stream(self._call(self._stub.RerankMany, iter(requests), timeout))
@@ -228,20 +234,32 @@ class AsyncRerankerClient:
         finally:
             call.cancel()  # a no-op once finished; frees the server's work if we stopped early
 
-    async def rerank(self, query: str, documents: Sequence[str], *, timeout: float | None = None, **fields) -> pb.RerankResponse:
+    async def rerank(
+        self, query: str, documents: Sequence[str], *, timeout: float | None = None, **fields
+    ) -> pb.RerankResponse:
         return await self._call(self._stub.Rerank, rerank_request(query, documents, **fields), timeout)
 
-    def rerank_stream(self, query: str, documents: Sequence[str], *, timeout: float | None = None, **fields) -> AsyncIterator[pb.RerankStreamResponse]:
+    def rerank_stream(
+        self, query: str, documents: Sequence[str], *, timeout: float | None = None, **fields
+    ) -> AsyncIterator[pb.RerankStreamResponse]:
         call = self._stub.RerankStream(
-            rerank_request(query, documents, **fields), timeout=timeout or self.options.timeout, metadata=self.options.metadata()
+            rerank_request(query, documents, **fields),
+            timeout=timeout or self.options.timeout,
+            metadata=self.options.metadata(),
         )
         return self._stream(call)
 
-    def rerank_many(self, requests: AsyncIterable[pb.RerankRequest] | Iterable[pb.RerankRequest], *, timeout: float | None = None) -> AsyncIterator[pb.RerankResponse]:
-        call = self._stub.RerankMany(requests, timeout=timeout or self.options.timeout, metadata=self.options.metadata())
+    def rerank_many(
+        self, requests: AsyncIterable[pb.RerankRequest] | Iterable[pb.RerankRequest], *, timeout: float | None = None
+    ) -> AsyncIterator[pb.RerankResponse]:
+        call = self._stub.RerankMany(
+            requests, timeout=timeout or self.options.timeout, metadata=self.options.metadata()
+        )
         return self._stream(call)
 
-    async def score(self, pairs: Iterable[tuple[str, str]], *, timeout: float | None = None, **fields) -> pb.ScoreResponse:
+    async def score(
+        self, pairs: Iterable[tuple[str, str]], *, timeout: float | None = None, **fields
+    ) -> pb.ScoreResponse:
         return await self._call(self._stub.Score, score_request(pairs, **fields), timeout)
 
     async def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:

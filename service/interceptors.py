@@ -124,7 +124,11 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
             raise
         except asyncio.CancelledError:
             remaining = context.time_remaining()
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+            code = (
+                grpc.StatusCode.DEADLINE_EXCEEDED
+                if remaining is not None and remaining <= 0
+                else grpc.StatusCode.CANCELLED
+            )
             raise
         except Exception:
             code = grpc.StatusCode.INTERNAL
@@ -162,7 +166,10 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
         def wrap(behaviour, streams_out: bool) -> Callable[..., Awaitable]:
             async def refuse(request, context):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (metadata authorization: Bearer <token>)")
+                await context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "missing or invalid bearer token (metadata authorization: Bearer <token>)",
+                )
 
             if streams_out:
 

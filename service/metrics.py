@@ -17,13 +17,21 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("reranker_requests_total", "Calls finished, by RPC and gRPC status code.", ["rpc", "code"], registry=r)
+        self.requests = Counter(
+            "reranker_requests_total", "Calls finished, by RPC and gRPC status code.", ["rpc", "code"], registry=r
+        )
         self.request_seconds = Histogram(
-            "reranker_request_duration_seconds", "Time from arrival to answer, by RPC.", ["rpc"], buckets=_LATENCY_BUCKETS, registry=r
+            "reranker_request_duration_seconds",
+            "Time from arrival to answer, by RPC.",
+            ["rpc"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_pairs = Gauge("reranker_queue_pairs", "Pairs waiting for a worker.", registry=r)
         self.queue_tokens = Gauge("reranker_queue_tokens", "Tokens waiting for a worker.", registry=r)
-        self.rejected = Counter("reranker_rejected_total", "Requests refused at admission, by reason.", ["reason"], registry=r)
+        self.rejected = Counter(
+            "reranker_rejected_total", "Requests refused at admission, by reason.", ["reason"], registry=r
+        )
         self.pairs_admitted = Counter("reranker_pairs_admitted_total", "Pairs admitted to the queue.", registry=r)
         self.pairs = Counter(
             "reranker_pairs_total",
@@ -33,20 +41,44 @@ class Metrics:
             registry=r,
         )
         self.tokens_scored = Counter("reranker_tokens_scored_total", "Real (unpadded) tokens scored.", registry=r)
-        self.padded_tokens = Counter("reranker_batch_padded_tokens_total", "Tokens computed, padding included (rows x longest row).", registry=r)
+        self.padded_tokens = Counter(
+            "reranker_batch_padded_tokens_total", "Tokens computed, padding included (rows x longest row).", registry=r
+        )
         self.batches = Counter("reranker_batches_total", "Batches sent, by worker.", ["worker"], registry=r)
         self.batch_size = Histogram("reranker_batch_size", "Rows per batch.", buckets=_ROW_BUCKETS, registry=r)
-        self.batch_tokens = Histogram("reranker_batch_tokens", "Padded tokens per batch.", buckets=_TOKEN_BUCKETS, registry=r)
-        self.batch_retries = Counter("reranker_batch_retries_total", "Batches re-queued after their worker died.", registry=r)
+        self.batch_tokens = Histogram(
+            "reranker_batch_tokens", "Padded tokens per batch.", buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.batch_retries = Counter(
+            "reranker_batch_retries_total", "Batches re-queued after their worker died.", registry=r
+        )
         self.compute_seconds = Counter(
-            "reranker_worker_compute_seconds_total", "Seconds a worker spent computing; its rate is the busy fraction.", ["worker"], registry=r
+            "reranker_worker_compute_seconds_total",
+            "Seconds a worker spent computing; its rate is the busy fraction.",
+            ["worker"],
+            registry=r,
         )
-        self.worker_ready = Gauge("reranker_worker_ready", "1 when the worker has loaded and warmed up, else 0.", ["worker", "device"], registry=r)
-        self.worker_restarts = Counter("reranker_worker_restarts_total", "Worker processes restarted after dying.", ["worker"], registry=r)
+        self.worker_ready = Gauge(
+            "reranker_worker_ready",
+            "1 when the worker has loaded and warmed up, else 0.",
+            ["worker", "device"],
+            registry=r,
+        )
+        self.worker_restarts = Counter(
+            "reranker_worker_restarts_total", "Worker processes restarted after dying.", ["worker"], registry=r
+        )
         self.worker_token_budget = Gauge(
-            "reranker_worker_token_budget", "Padded tokens per batch the worker is given (lowered after out-of-memory).", ["worker"], registry=r
+            "reranker_worker_token_budget",
+            "Padded tokens per batch the worker is given (lowered after out-of-memory).",
+            ["worker"],
+            registry=r,
         )
-        self.model_load_seconds = Gauge("reranker_model_load_seconds", "Seconds the worker took to load and warm up its model.", ["worker"], registry=r)
+        self.model_load_seconds = Gauge(
+            "reranker_model_load_seconds",
+            "Seconds the worker took to load and warm up its model.",
+            ["worker"],
+            registry=r,
+        )
 
     def serve(self, port: int, host: str) -> int:
         """Expose /metrics over HTTP from a background thread; returns the bound port."""

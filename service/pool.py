@@ -69,7 +69,9 @@ class Worker:
 
 
 class WorkerPool:
-    def __init__(self, specs: list[WorkerSpec], metrics: Metrics, *, batches_in_flight: int, batch_timeout_s: float) -> None:
+    def __init__(
+        self, specs: list[WorkerSpec], metrics: Metrics, *, batches_in_flight: int, batch_timeout_s: float
+    ) -> None:
         self.workers = [Worker(spec, spec.max_batch_tokens) for spec in specs]
         self._metrics = metrics
         self._batches_in_flight = batches_in_flight
@@ -185,7 +187,11 @@ class WorkerPool:
             self._ready(worker, message)
         elif isinstance(message, protocol.WorkerLoadFailed):
             if not self._first_load.done():
-                self._first_load.set_exception(WorkerLoadError(f"worker {worker.name} ({worker.spec.device}) could not load the model: {message.message}"))
+                self._first_load.set_exception(
+                    WorkerLoadError(
+                        f"worker {worker.name} ({worker.spec.device}) could not load the model: {message.message}"
+                    )
+                )
             return f"load failed: {message.message}"
         elif isinstance(message, protocol.BatchScores):
             batch = worker.in_flight.pop(message.batch_id)
@@ -193,7 +199,11 @@ class WorkerPool:
             if message.token_budget:
                 self._lower_budget(worker, message.token_budget)
             if len(message.logits) != len(batch.items):
-                self._batcher.failed(batch, Internal(f"worker {worker.name} returned {len(message.logits)} scores for {len(batch.items)} rows"), retry=False)
+                self._batcher.failed(
+                    batch,
+                    Internal(f"worker {worker.name} returned {len(message.logits)} scores for {len(batch.items)} rows"),
+                    retry=False,
+                )
             else:
                 self._batcher.scored(batch, message.logits, message.compute_seconds)
         elif isinstance(message, protocol.BatchFailed):
@@ -230,16 +240,26 @@ class WorkerPool:
     def _error_for(self, worker: Worker, message: protocol.BatchFailed):
         where = f"worker {worker.name} ({worker.spec.device})"
         if message.failure is protocol.Failure.OUT_OF_MEMORY:
-            return ResourceExhausted(f"a single document does not fit in the memory of {where}; send shorter documents or lower max_length")
+            return ResourceExhausted(
+                f"a single document does not fit in the memory of {where}; send shorter documents or lower max_length"
+            )
         return Internal(f"{where} failed to score a batch ({message.failure.name.lower()}); see the server log")
 
     def _worker_died(self, worker: Worker, reason: str) -> None:
         worker.state = State.DEAD
         self._metrics.worker_ready.labels(worker.name, worker.spec.device).set(0)
-        log.error("worker_died", worker_id=worker.spec.worker_id, device=worker.spec.device, reason=reason, batches_in_flight=len(worker.in_flight))
+        log.error(
+            "worker_died",
+            worker_id=worker.spec.worker_id,
+            device=worker.spec.device,
+            reason=reason,
+            batches_in_flight=len(worker.in_flight),
+        )
         batches, worker.in_flight = list(worker.in_flight.values()), {}
         for batch in batches:
-            self._batcher.failed(batch, Unavailable(f"worker {worker.name} died while scoring this request, twice; retry"), retry=True)
+            self._batcher.failed(
+                batch, Unavailable(f"worker {worker.name} died while scoring this request, twice; retry"), retry=True
+            )
         self._batcher.workers_changed()
         self._on_change()
 
@@ -268,7 +288,10 @@ def count_gpus() -> int:
     never initialises CUDA."""
     probe = subprocess.run(
         [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     return int(probe.stdout.strip() or 0) if probe.returncode == 0 else 0
 

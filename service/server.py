@@ -60,7 +60,9 @@ async def _serve(settings: Settings) -> int:
     log.info("starting", version=service.__version__, settings=summary(settings))
     checkpoint = resolve_checkpoint(settings.model, settings.revision or None)
     if settings.max_length > checkpoint.max_positions:
-        raise ValueError(f"max_length {settings.max_length} exceeds the model's context of {checkpoint.max_positions} tokens")
+        raise ValueError(
+            f"max_length {settings.max_length} exceeds the model's context of {checkpoint.max_positions} tokens"
+        )
     encoder = PromptEncoder(checkpoint.load_tokenizer(), settings.max_length)
     needs_probe = settings.device == "auto" or "cuda" in settings.device
     devices = parse_devices(settings.device, count_gpus() if needs_probe else 0)
@@ -156,7 +158,9 @@ async def _serve(settings: Settings) -> int:
     return exit_code
 
 
-def _grpc_server(settings: Settings, metrics: Metrics, tracing: Tracing | None, servicer: RerankerServicer, health_servicer) -> grpc.aio.Server:
+def _grpc_server(
+    settings: Settings, metrics: Metrics, tracing: Tracing | None, servicer: RerankerServicer, health_servicer
+) -> grpc.aio.Server:
     interceptors = [ObservingInterceptor(metrics, tracing)]
     tokens = settings.accepted_tokens()
     if tokens:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -60,7 +60,9 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServicer):
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
         return await self._rerank(request, _deadline(request, context), "Rerank")
 
-    async def RerankStream(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RerankStreamResponse]:
+    async def RerankStream(
+        self, request: pb.RerankRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RerankStreamResponse]:
         prepared = await self._prepare(_rerank_pairs(request), request)
         job = self._submit(request, prepared, _deadline(request, context), stream=True)
         error = None
@@ -80,7 +82,9 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServicer):
             self._batcher.cancel(job)
             self._trace("RerankStream", request, prepared, job, error)
 
-    async def RerankMany(self, request_iterator: AsyncIterator[pb.RerankRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RerankResponse]:
+    async def RerankMany(
+        self, request_iterator: AsyncIterator[pb.RerankRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RerankResponse]:
         answers: asyncio.Queue[pb.RerankResponse | None] = asyncio.Queue()
         running: dict[str, asyncio.Task] = {}
         room = asyncio.Semaphore(self._settings.max_requests_per_stream)
@@ -112,9 +116,17 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServicer):
                             task.cancel()
                         continue
                     if request.request_id in running:
-                        answers.put_nowait(_failed(request, grpc.StatusCode.INVALID_ARGUMENT, f"request_id {request.request_id!r} is already in flight on this stream"))
+                        answers.put_nowait(
+                            _failed(
+                                request,
+                                grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request_id {request.request_id!r} is already in flight on this stream",
+                            )
+                        )
                         continue
-                    await room.acquire()  # at most max_requests_per_stream at once: stop reading, and flow control pushes back
+                    await (
+                        room.acquire()
+                    )  # at most max_requests_per_stream at once: stop reading, and flow control pushes back
                     task = asyncio.create_task(answer(request))
                     running[request.request_id] = task
                     task.add_done_callback(lambda task, request=request: finished(task, request))
@@ -165,14 +177,22 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServicer):
         if not count:
             raise InvalidArgument("no documents: give at least one")
         if count > s.max_documents_per_request:
-            raise InvalidArgument(f"{count} documents is more than max_documents_per_request={s.max_documents_per_request}")
+            raise InvalidArgument(
+                f"{count} documents is more than max_documents_per_request={s.max_documents_per_request}"
+            )
         if len(request.instruction) > s.max_query_chars:
-            raise InvalidArgument(f"instruction has {len(request.instruction)} characters, more than max_query_chars={s.max_query_chars}")
+            raise InvalidArgument(
+                f"instruction has {len(request.instruction)} characters, more than max_query_chars={s.max_query_chars}"
+            )
         for position, (query, document) in enumerate(pairs):
             if len(query) > s.max_query_chars:
-                raise InvalidArgument(f"query has {len(query)} characters, more than max_query_chars={s.max_query_chars}")
+                raise InvalidArgument(
+                    f"query has {len(query)} characters, more than max_query_chars={s.max_query_chars}"
+                )
             if len(document) > s.max_document_chars:
-                raise InvalidArgument(f"document {position} has {len(document)} characters, more than max_document_chars={s.max_document_chars}")
+                raise InvalidArgument(
+                    f"document {position} has {len(document)} characters, more than max_document_chars={s.max_document_chars}"
+                )
         structlog.contextvars.bind_contextvars(request_id=request.request_id, documents=count)
         truncate = request.truncation != pb.TRUNCATION_NONE
         try:
@@ -237,7 +257,9 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServicer):
     def _result(job: Job, prepared: Prepared, index: int) -> pb.ScoredDocument:
         logit = job.logits[index]
         pair = prepared.encoded[index]
-        return pb.ScoredDocument(index=index, score=sigmoid(logit), logit=logit, truncated=pair.truncated, tokens=pair.length)
+        return pb.ScoredDocument(
+            index=index, score=sigmoid(logit), logit=logit, truncated=pair.truncated, tokens=pair.length
+        )
 
 
 def _rerank_pairs(request: pb.RerankRequest) -> list[tuple[str, str]]:

@@ -31,7 +31,9 @@ class Settings:
     revision: str = _setting("", "the hub revision to look up in the cache (default: the cache's main)")
     device: str = _setting("auto", "auto (every visible GPU, else the CPU), cpu, cuda, or a list such as cuda:0,cuda:1")
     workers_per_device: int = _setting(1, "worker processes (model copies) per device")
-    dtype: str = _setting("auto", "auto (bf16 on CUDA, fp32 on CPU) or one of " + ", ".join(PRECISIONS), choices=("auto", *PRECISIONS))
+    dtype: str = _setting(
+        "auto", "auto (bf16 on CUDA, fp32 on CPU) or one of " + ", ".join(PRECISIONS), choices=("auto", *PRECISIONS)
+    )
     attn_implementation: str = _setting("sdpa", "attention kernels", choices=("sdpa", "eager"))
     cpu_threads: int = _setting(0, "torch threads per CPU worker (0: the machine's cores shared among the CPU workers)")
     max_length: int = _setting(8192, "tokens per pair, prompt included; longer documents are cut at their end")
@@ -46,12 +48,17 @@ class Settings:
     # Batching
     max_batch_tokens: int = _setting(32768, "padded tokens (rows x longest row) per batch")
     max_batch_size: int = _setting(256, "rows per batch")
-    min_padding_efficiency: float = _setting(0.9, "real tokens over padded tokens a batch must keep; pairs of very different lengths go to different batches (0: no bound)")
+    min_padding_efficiency: float = _setting(
+        0.9,
+        "real tokens over padded tokens a batch must keep; pairs of very different lengths go to different batches (0: no bound)",
+    )
     max_wait_ms: float = _setting(2.0, "longest a partly filled batch waits for more work while a worker is free")
     batches_in_flight: int = _setting(2, "batches queued on each worker, so that it never idles between batches")
     # Admission
     max_queue_pairs: int = _setting(16384, "pairs waiting for a worker; beyond it new requests get RESOURCE_EXHAUSTED")
-    max_queue_tokens: int = _setting(2_097_152, "tokens waiting for a worker; beyond it new requests get RESOURCE_EXHAUSTED")
+    max_queue_tokens: int = _setting(
+        2_097_152, "tokens waiting for a worker; beyond it new requests get RESOURCE_EXHAUSTED"
+    )
     max_documents_per_request: int = _setting(1000, "documents per Rerank request, pairs per Score request")
     max_query_chars: int = _setting(32768, "characters per query, and per instruction")
     max_document_chars: int = _setting(131072, "characters per document")
@@ -63,10 +70,17 @@ class Settings:
     tls_cert: str = _setting("", "server certificate chain (PEM) to serve TLS")
     tls_key: str = _setting("", "the certificate's private key (PEM)")
     tls_client_ca: str = _setting("", "CA bundle (PEM) to require and verify client certificates (mutual TLS)")
-    auth_tokens_file: str = _setting("", "file of accepted bearer tokens, one per line (RERANKER_AUTH_TOKENS may list them too)")
-    auth_tokens: tuple[str, ...] = _setting((), "accepted bearer tokens, comma-separated (environment only)", env_only=True)
+    auth_tokens_file: str = _setting(
+        "", "file of accepted bearer tokens, one per line (RERANKER_AUTH_TOKENS may list them too)"
+    )
+    auth_tokens: tuple[str, ...] = _setting(
+        (), "accepted bearer tokens, comma-separated (environment only)", env_only=True
+    )
     # Tracing
-    otlp_endpoint: str = _setting("", "OpenTelemetry: send a trace per request over OTLP/gRPC to this endpoint, e.g. http://otel-collector:4317 (empty: off)")
+    otlp_endpoint: str = _setting(
+        "",
+        "OpenTelemetry: send a trace per request over OTLP/gRPC to this endpoint, e.g. http://otel-collector:4317 (empty: off)",
+    )
     # Logging
     log_format: str = _setting("auto", "json, console, or auto (console on a terminal)", choices=LOG_FORMATS)
     log_level: str = _setting("info", "debug, info, warning or error", choices=("debug", "info", "warning", "error"))
@@ -82,10 +96,21 @@ class Settings:
         if not self.model:
             yield "model is required (--model or RERANKER_MODEL)"
         for name in (
-            "workers_per_device", "max_length", "max_batch_tokens", "max_batch_size", "batches_in_flight",
-            "max_queue_pairs", "max_queue_tokens", "max_documents_per_request", "max_query_chars",
-            "max_document_chars", "tokenizer_threads", "max_message_bytes", "max_concurrent_rpcs",
-            "max_concurrent_streams", "max_requests_per_stream",
+            "workers_per_device",
+            "max_length",
+            "max_batch_tokens",
+            "max_batch_size",
+            "batches_in_flight",
+            "max_queue_pairs",
+            "max_queue_tokens",
+            "max_documents_per_request",
+            "max_query_chars",
+            "max_document_chars",
+            "tokenizer_threads",
+            "max_message_bytes",
+            "max_concurrent_rpcs",
+            "max_concurrent_streams",
+            "max_requests_per_stream",
         ):
             if getattr(self, name) < 1:
                 yield f"{name} must be at least 1, got {getattr(self, name)}"
@@ -187,8 +212,5 @@ def summary(settings: Settings) -> dict[str, object]:
     """Settings for the start-up log line, without secrets."""
     hidden = {"auth_tokens", "faults"}
     return {
-        spec.name: getattr(settings, spec.name)
-        for spec in dataclasses.fields(Settings)
-        if spec.name not in hidden
+        spec.name: getattr(settings, spec.name) for spec in dataclasses.fields(Settings) if spec.name not in hidden
     } | {"auth": bool(settings.auth_tokens or settings.auth_tokens_file)}
-

@@ -26,13 +26,17 @@ class Tracing:
             from opentelemetry.sdk.trace import TracerProvider
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
         except ImportError:
-            raise ValueError("otlp_endpoint is set but OpenTelemetry is not installed: pip install 'qwen3-reranker-service[tracing]'") from None
+            raise ValueError(
+                "otlp_endpoint is set but OpenTelemetry is not installed: pip install 'qwen3-reranker-service[tracing]'"
+            ) from None
         from opentelemetry import context, propagate, trace
 
         self._context, self._propagate, self._trace = context, propagate, trace
         resource = Resource.create({"service.name": "reranker", "service.version": service_version})
         self._provider = TracerProvider(resource=resource)
-        self._provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))))
+        self._provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://")))
+        )
         self._tracer = self._provider.get_tracer("reranker")
 
     def attach(self, metadata: Iterable[tuple[str, str]] | None) -> object:
@@ -43,7 +47,15 @@ class Tracing:
     def detach(self, token: object) -> None:
         self._context.detach(token)
 
-    def record(self, name: str, request_id: str, arrived: float, tokenize_seconds: float, job: Job | None, error: Exception | None) -> None:
+    def record(
+        self,
+        name: str,
+        request_id: str,
+        arrived: float,
+        tokenize_seconds: float,
+        job: Job | None,
+        error: Exception | None,
+    ) -> None:
         """Write the spans of one finished request. Times are perf_counter (arrival)
         and event-loop time (the job's); both are turned into wall-clock nanoseconds."""
         now_ns, perf_now, loop_now = time.time_ns(), time.perf_counter(), asyncio.get_running_loop().time()
@@ -54,7 +66,9 @@ class Tracing:
         def loop_to_ns(t: float) -> int:
             return now_ns - int((loop_now - t) * 1e9)
 
-        span = self._tracer.start_span(name, start_time=perf_to_ns(arrived), attributes={"reranker.request_id": request_id})
+        span = self._tracer.start_span(
+            name, start_time=perf_to_ns(arrived), attributes={"reranker.request_id": request_id}
+        )
         parent = self._trace.set_span_in_context(span)
         tokenized = perf_to_ns(arrived + tokenize_seconds)
         self._tracer.start_span("tokenize", context=parent, start_time=perf_to_ns(arrived)).end(end_time=tokenized)

@@ -26,4 +26,6 @@ def tiny_model(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def untied_model(tmp_path_factory) -> pathlib.Path:
     """A separate output head, like Qwen3-Reranker-8B."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-untied"), seed=1, tie_word_embeddings=False, tokenizer_dir=TOKENIZER_DIR)
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny-untied"), seed=1, tie_word_embeddings=False, tokenizer_dir=TOKENIZER_DIR
+    )

@@ -17,15 +17,15 @@ SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 def format_instruction(instruction, query, doc):
     if instruction is None:
         instruction = "Given a web search query, retrieve relevant passages that answer the query"
-    return "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}".format(
-        instruction=instruction, query=query, doc=doc
-    )
+    return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}"
 
 
 class Recipe:
     def __init__(self, model_dir, max_length=8192, dtype=torch.float32, attn_implementation="sdpa"):
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation=attn_implementation
+        ).eval()
         self.max_length = max_length
         self.prefix_tokens = self.tokenizer.encode(PREFIX, add_special_tokens=False)
         self.suffix_tokens = self.tokenizer.encode(SUFFIX, add_special_tokens=False)

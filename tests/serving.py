@@ -162,12 +162,28 @@ def free_port() -> int:
 
 def start_server(model, *args: str, env: dict | None = None, wait: bool = True) -> Server:
     command = [
-        sys.executable, "-m", "service", "serve",
-        "--model", str(model), "--host", "127.0.0.1", "--port", "0", "--metrics-port", str(free_port()),
-        "--device", "cpu", "--log-format", "json", *args,
+        sys.executable,
+        "-m",
+        "service",
+        "serve",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        str(free_port()),
+        "--device",
+        "cpu",
+        "--log-format",
+        "json",
+        *args,
     ]
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     server = Server(process)
 
     def pump() -> None:

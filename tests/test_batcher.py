@@ -13,7 +13,9 @@ from service.batcher import BATCH, INTERACTIVE, Job, PendingQueue, _Pending
 _seq = itertools.count()
 
 
-def queue_of(lengths: list[int], priority: int = INTERACTIVE, queue: PendingQueue | None = None) -> tuple[PendingQueue, Job]:
+def queue_of(
+    lengths: list[int], priority: int = INTERACTIVE, queue: PendingQueue | None = None
+) -> tuple[PendingQueue, Job]:
     queue = queue or PendingQueue()
     job = Job(rows=[array("i", [1] * n) for n in lengths], priority=priority)
     for index, length in enumerate(lengths):

@@ -11,13 +11,39 @@ import pytest
 from bench import compare, workloads
 from bench.contenders import CONTENDERS, SERVICE
 
-FIGURES = ("requests", "pairs_per_s", "tokens_per_s", "p50_ms", "p95_ms", "p99_ms", "padding_efficiency", "peak_memory_mib", "mfu", "max_abs_logit_diff")
+FIGURES = (
+    "requests",
+    "pairs_per_s",
+    "tokens_per_s",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "padding_efficiency",
+    "peak_memory_mib",
+    "mfu",
+    "max_abs_logit_diff",
+)
 
 
 def test_every_contender_reports_every_figure_and_agrees_with_the_card(tiny_model, tmp_path):
     pytest.importorskip("sentence_transformers", reason="the bench extra: pip install -e '.[bench]'")
     out = tmp_path / "compare.json"
-    compare.main(["--model", str(tiny_model), "--workload", "a", "--requests", "3", "--documents", "6", "--card-requests", "1", "--json", str(out)])
+    compare.main(
+        [
+            "--model",
+            str(tiny_model),
+            "--workload",
+            "a",
+            "--requests",
+            "3",
+            "--documents",
+            "6",
+            "--card-requests",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
 
     block = json.loads(out.read_text())["precisions"]["fp32"]
     assert list(block["contenders"]) == list(CONTENDERS)
@@ -46,4 +72,6 @@ def test_workloads_are_seeded_real_text_of_the_sizes_asked(tiny_model):
         names = [name for name, doc in workloads.docstrings() if doc in request.documents]
         assert request.query in names  # the query names a function one of the documents describes
     long = workloads.build("c", tokenizer, requests=1)
-    assert all(abs(n - workloads.LONG_TOKENS) <= 2 for n in workloads.token_counts(tokenizer, list(long.requests[0].documents)))
+    assert all(
+        abs(n - workloads.LONG_TOKENS) <= 2 for n in workloads.token_counts(tokenizer, list(long.requests[0].documents))
+    )

@@ -56,7 +56,9 @@ def test_buf_breaking_catches_a_renumbered_field(buf, tmp_path):
     workspace = changed_workspace(tmp_path, "int32 top_n = 4;", "int32 top_n = 11;")
     done = run(buf, "breaking", str(workspace), "--against", str(ROOT))
     assert done.returncode != 0
-    assert 'Previously present field "4" with name "top_n" on message "RerankRequest" was deleted' in done.stdout, done.stdout + done.stderr
+    assert 'Previously present field "4" with name "top_n" on message "RerankRequest" was deleted' in done.stdout, (
+        done.stdout + done.stderr
+    )
 
 
 def test_buf_breaking_catches_a_retyped_field(buf, tmp_path):

@@ -62,8 +62,21 @@ def test_missing_directory_and_incomplete_checkpoint(tmp_path):
 
 def test_serve_with_a_missing_model_exits_2_with_a_clear_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "service", "serve", "--model", str(tmp_path / "absent"), "--log-format", "json", "--metrics-port", "0"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "serve",
+            "--model",
+            str(tmp_path / "absent"),
+            "--log-format",
+            "json",
+            "--metrics-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]

@@ -53,7 +53,9 @@ def test_batch_answers_every_line_and_reports_the_bad_one(server, client, tmp_pa
         {"id": "last", "query": "second query", "documents": ["one", "two", "three"]},
     ]
     source = tmp_path / "in.jsonl"
-    source.write_text("\n".join(json.dumps(record, ensure_ascii=False) for record in records) + "\n\n")  # a blank line is skipped
+    source.write_text(
+        "\n".join(json.dumps(record, ensure_ascii=False) for record in records) + "\n\n"
+    )  # a blank line is skipped
     sink = tmp_path / "out.jsonl"
 
     done = reranker("batch", str(source), "--output", str(sink), "--target", server.address, "--no-progress")
@@ -79,13 +81,19 @@ def test_batch_answers_every_line_and_reports_the_bad_one(server, client, tmp_pa
         assert "error" not in got
         # MessageToDict leaves out zero values: index 0 has no "index" key.
         assert [result.get("index", 0) for result in got["results"]] == [result.index for result in response.results]
-        assert [result["logit"] for result in got["results"]] == pytest.approx([r.logit for r in response.results], abs=1e-5)
+        assert [result["logit"] for result in got["results"]] == pytest.approx(
+            [r.logit for r in response.results], abs=1e-5
+        )
         assert int(got["usage"]["tokens"]) == response.usage.tokens
     assert len(answers["top-2"]["results"]) == 2
 
 
 def test_batch_answers_unreadable_lines_without_losing_the_others(server):
-    lines = [json.dumps({"id": "good", "query": "q", "documents": ["a"]}), "{not json", json.dumps({"id": "x", "query": "q"})]
+    lines = [
+        json.dumps({"id": "good", "query": "q", "documents": ["a"]}),
+        "{not json",
+        json.dumps({"id": "x", "query": "q"}),
+    ]
     done = reranker("batch", "--target", server.address, "--no-progress", stdin="\n".join(lines))
     assert done.returncode == 1
     answers = {answer["requestId"]: answer for answer in map(json.loads, done.stdout.splitlines())}
@@ -108,7 +116,9 @@ def test_batch_from_stdin_to_stdout(server):
 
 def test_rerank_json(server, client):
     documents = DOCUMENTS[:4]
-    done = reranker("rerank", "--target", server.address, "--query", QUERY, *[f"--doc={d}" for d in documents], "--json")
+    done = reranker(
+        "rerank", "--target", server.address, "--query", QUERY, *[f"--doc={d}" for d in documents], "--json"
+    )
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout)
     expected = client.rerank(QUERY, documents)
@@ -152,9 +162,21 @@ def test_the_container_health_checks_run_this_command(server):
     path = {"PATH": f"{pathlib.Path(RERANKER).parent}{os.pathsep}{os.environ['PATH']}"}
     healthcheck = dict(dockerfile_instructions())["HEALTHCHECK"]
     command = healthcheck.split(" CMD ", 1)[1]
-    serving = subprocess.run(["sh", "-c", command], env={**path, "RERANKER_PORT": str(server.port)}, capture_output=True, text=True, timeout=60)
+    serving = subprocess.run(
+        ["sh", "-c", command],
+        env={**path, "RERANKER_PORT": str(server.port)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert serving.returncode == 0, serving.stderr
-    nobody = subprocess.run(["sh", "-c", command], env={**path, "RERANKER_PORT": str(free_port())}, capture_output=True, text=True, timeout=60)
+    nobody = subprocess.run(
+        ["sh", "-c", command],
+        env={**path, "RERANKER_PORT": str(free_port())},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert nobody.returncode == 1  # Docker's "unhealthy"
 
     test = yaml.safe_load(COMPOSE.read_text())["services"]["reranker"]["healthcheck"]["test"]

@@ -94,7 +94,9 @@ def test_rerank_many(client, ranking):
 
 
 def test_score(client, ranking):
-    response = client.score([(QUERY, document) for document in DOCS[:4]] + [("where is Tokyo?", DOCS[5])], request_id="s")
+    response = client.score(
+        [(QUERY, document) for document in DOCS[:4]] + [("where is Tokyo?", DOCS[5])], request_id="s"
+    )
     assert response.request_id == "s"
     assert [result.index for result in response.results] == [0, 1, 2, 3, 4]
     expected = logits_by_index(ranking.results)
@@ -136,7 +138,12 @@ def test_async_client(server, ranking, tiny_model):
         async with AsyncRerankerClient(server.address, timeout=60) as client:
             rerank = await client.rerank(QUERY, DOCS)
             stream = [message async for message in client.rerank_stream(QUERY, DOCS)]
-            many = [answer async for answer in client.rerank_many([rerank_request(QUERY, DOCS, request_id="a"), rerank_request("", ["x"], request_id="b")])]
+            many = [
+                answer
+                async for answer in client.rerank_many(
+                    [rerank_request(QUERY, DOCS, request_id="a"), rerank_request("", ["x"], request_id="b")]
+                )
+            ]
             score = await client.score([(QUERY, DOCS[0]), (QUERY, DOCS[1])])
             info = await client.model_info()
             with pytest.raises(RerankerError) as error:

@@ -39,7 +39,9 @@ def exported_series() -> dict[str, set[str]]:
     """Every series name the registry of service/metrics.py can expose, with its label names."""
     metrics = Metrics()
     # prometheus_client keeps a metric's label names in _labelnames (there is no public accessor).
-    labels = {metric._name: set(metric._labelnames) for metric in vars(metrics).values() if hasattr(metric, "_labelnames")}
+    labels = {
+        metric._name: set(metric._labelnames) for metric in vars(metrics).values() if hasattr(metric, "_labelnames")
+    }
     suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum")}
     series = {}
     for family in metrics.registry.collect():
@@ -83,12 +85,22 @@ def test_the_promql_check_catches_mistakes():
 
 
 def test_compose_file_matches_the_compose_specification(tmp_path):
-    done = subprocess.run([CHECK_JSONSCHEMA, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [CHECK_JSONSCHEMA, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     # The same validation refuses a misspelt key: it is not a rubber stamp.
     broken = tmp_path / "docker-compose.yml"
     broken.write_text(COMPOSE.read_text().replace("  healthcheck:", "  healthchek:", 1))
-    refused = subprocess.run([CHECK_JSONSCHEMA, "--builtin-schema", "vendor.compose-spec", str(broken)], capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(
+        [CHECK_JSONSCHEMA, "--builtin-schema", "vendor.compose-spec", str(broken)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert refused.returncode == 1 and "healthchek" in refused.stdout + refused.stderr
 
 
@@ -190,7 +202,9 @@ def dashboard_panels() -> list[dict]:
 
 def test_dashboard_is_valid_and_names_only_exported_metrics():
     dashboard = json.loads(DASHBOARD.read_text())
-    datasource_uid = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"][0]["uid"]
+    datasource_uid = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())[
+        "datasources"
+    ][0]["uid"]
     assert dashboard["uid"] and dashboard["title"]
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids))
@@ -229,8 +243,14 @@ def test_dashboard_shows_what_operators_need():
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(line for line in (ROOT / "Dockerfile").read_text().splitlines() if not line.lstrip().startswith("#")))
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip()) for line in text.splitlines() if line.strip()]
+    text = re.sub(
+        r"\\\n",
+        " ",
+        "\n".join(line for line in (ROOT / "Dockerfile").read_text().splitlines() if not line.lstrip().startswith("#")),
+    )
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip()) for line in text.splitlines() if line.strip()
+    ]
 
 
 def test_dockerfile():
@@ -244,7 +264,9 @@ def test_dockerfile():
     assert torch_step < project_step
     assert "ARG TORCH=torch==2.13.0" in [f"{kind} {value}" for kind, value in instructions]
     assert arguments["USER"].split(":")[0] not in ("root", "0")
-    assert kinds.index("USER") > max(i for i, kind in enumerate(kinds) if kind == "RUN")  # nothing runs as root after it
+    assert kinds.index("USER") > max(
+        i for i, kind in enumerate(kinds) if kind == "RUN"
+    )  # nothing runs as root after it
     assert json.loads(arguments["ENTRYPOINT"]) == ["reranker"] and json.loads(arguments["CMD"]) == ["serve"]
     assert set(arguments["EXPOSE"].split()) == {"50051", "9400"}
     assert "reranker health" in arguments["HEALTHCHECK"]

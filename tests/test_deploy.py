@@ -82,7 +82,13 @@ def selects(selector: dict, labels: dict) -> bool:
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_every_object_is_valid_against_the_kubernetes_schemas(version):
     assert {o["kind"] for o in OBJECTS} >= {
-        "Namespace", "ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler",
+        "Namespace",
+        "ConfigMap",
+        "PersistentVolumeClaim",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
     }
     for manifest in OBJECTS:
         kubernetes_validate.validate(manifest, version, strict=True)
@@ -106,11 +112,15 @@ def test_kustomize_builds_the_same_objects_into_one_namespace():
     built = subprocess.run(["kubectl", "kustomize", KUBERNETES], capture_output=True, text=True, timeout=120)
     assert built.returncode == 0, built.stderr
     objects = [doc for doc in yaml.safe_load_all(built.stdout) if doc]
-    assert sorted((o["kind"], o["metadata"]["name"]) for o in objects) == sorted((o["kind"], o["metadata"]["name"]) for o in OBJECTS)
+    assert sorted((o["kind"], o["metadata"]["name"]) for o in objects) == sorted(
+        (o["kind"], o["metadata"]["name"]) for o in OBJECTS
+    )
     assert {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"} == {"reranker"}
     for manifest in objects:
         kubernetes_validate.validate(manifest, KUBERNETES_VERSIONS[-1], strict=True)
-    monitoring = subprocess.run(["kubectl", "kustomize", os.path.join(KUBERNETES, "monitoring")], capture_output=True, text=True, timeout=120)
+    monitoring = subprocess.run(
+        ["kubectl", "kustomize", os.path.join(KUBERNETES, "monitoring")], capture_output=True, text=True, timeout=120
+    )
     assert monitoring.returncode == 0, monitoring.stderr
     assert [o["kind"] for o in yaml.safe_load_all(monitoring.stdout) if o] == ["ServiceMonitor"]
 
@@ -142,7 +152,9 @@ def test_probes_are_grpc_health_checks_on_the_service_port():
     startup = probes["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "the model load may take minutes"
     readiness = probes["readinessProbe"]
-    assert readiness["periodSeconds"] * readiness["failureThreshold"] <= 10, "a draining pod must leave the endpoints quickly"
+    assert readiness["periodSeconds"] * readiness["failureThreshold"] <= 10, (
+        "a draining pod must leave the endpoints quickly"
+    )
 
 
 def test_termination_grace_covers_the_prestop_sleep_and_the_drain():
@@ -184,7 +196,11 @@ def test_disruption_budget_selects_the_pods_and_allows_a_drain():
 def test_autoscaler_scales_the_deployment_on_a_queue_gauge_the_server_exports():
     hpa = the("HorizontalPodAutoscaler")
     target = hpa["spec"]["scaleTargetRef"]
-    assert (target["apiVersion"], target["kind"], target["name"]) == ("apps/v1", "Deployment", DEPLOYMENT["metadata"]["name"])
+    assert (target["apiVersion"], target["kind"], target["name"]) == (
+        "apps/v1",
+        "Deployment",
+        DEPLOYMENT["metadata"]["name"],
+    )
     assert "replicas" not in DEPLOYMENT["spec"], "the autoscaler owns the replica count"
     exported = {family.name: family.type for family in Metrics().registry.collect()}
     (metric,) = hpa["spec"]["metrics"]
@@ -204,7 +220,11 @@ def test_autoscaler_scales_the_deployment_on_a_queue_gauge_the_server_exports():
 
 def test_prometheus_scrapes_the_metrics_port_of_every_pod():
     monitor = the("ServiceMonitor", objects=MONITORING)
-    scraped = [s for s in OBJECTS if s["kind"] == "Service" and selects(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])]
+    scraped = [
+        s
+        for s in OBJECTS
+        if s["kind"] == "Service" and selects(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+    ]
     assert [s["metadata"]["name"] for s in scraped] == ["reranker-headless"]
     (endpoint,) = monitor["spec"]["endpoints"]
     port = next(p for p in scraped[0]["spec"]["ports"] if p["name"] == endpoint["port"])
@@ -215,7 +235,10 @@ def test_prometheus_scrapes_the_metrics_port_of_every_pod():
 def test_one_gpu_per_pod_with_requests_and_limits():
     resources = SERVER["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == "1"
-    assert resources["requests"].get("nvidia.com/gpu", resources["limits"]["nvidia.com/gpu"]) == resources["limits"]["nvidia.com/gpu"]
+    assert (
+        resources["requests"].get("nvidia.com/gpu", resources["limits"]["nvidia.com/gpu"])
+        == resources["limits"]["nvidia.com/gpu"]
+    )
     for resource in ("cpu", "memory"):
         assert resource in resources["requests"] and resource in resources["limits"]
     assert CONFIG["RERANKER_DEVICE"] in ("cuda", "auto")
@@ -302,7 +325,10 @@ def test_envoy_balances_grpc_calls_over_every_healthy_replica():
     assert check["grpc_health_check"]["service_name"] == SERVICE_NAME
     assert check["no_traffic_interval"] and check["unhealthy_threshold"] >= 1
     outliers = cluster["outlier_detection"]
-    assert outliers["enforcing_consecutive_gateway_failure"] > 0 and outliers["enforcing_consecutive_local_origin_failure"] > 0
+    assert (
+        outliers["enforcing_consecutive_gateway_failure"] > 0
+        and outliers["enforcing_consecutive_local_origin_failure"] > 0
+    )
     assert cluster["common_lb_config"]["update_merge_window"] == "0s"
     (listener,) = config["static_resources"]["listeners"]
     assert listener["address"]["socket_address"]["port_value"] == 50051
@@ -326,7 +352,9 @@ def test_envoy_balances_grpc_calls_over_every_healthy_replica():
 def test_the_compose_override_is_valid_compose():
     result = subprocess.run(
         [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", OVERRIDE],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -368,8 +396,10 @@ def test_the_main_compose_file_can_be_scaled_behind_envoy():
     address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
     (main,) = load_all(os.path.join(ROOT, "docker-compose.yml"))
     replicas = {
-        name: service for name, service in main["services"].items()
-        if name == address["address"] or address["address"] in (service.get("networks") or {}).get("default", {}).get("aliases", [])
+        name: service
+        for name, service in main["services"].items()
+        if name == address["address"]
+        or address["address"] in (service.get("networks") or {}).get("default", {}).get("aliases", [])
     }
     assert "reranker" in replicas, f"no compose service answers to {address['address']!r}"
     for name, service in replicas.items():

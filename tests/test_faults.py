@@ -25,15 +25,28 @@ def settled(server) -> bool:
     """Every admitted pair has an outcome and nothing waits: no leaked entry."""
     admitted = server.metric("reranker_pairs_admitted_total")
     accounted = sum(server.metric("reranker_pairs_total", outcome=o) for o in OUTCOMES)
-    return server.metric("reranker_queue_pairs") == 0 and server.metric("reranker_queue_tokens") == 0 and admitted == accounted
+    return (
+        server.metric("reranker_queue_pairs") == 0
+        and server.metric("reranker_queue_tokens") == 0
+        and admitted == accounted
+    )
 
 
 @pytest.fixture(scope="module")
 def slow(tiny_model):
     """One worker that sleeps 100 ms per batch of at most 8 rows; a 200-pair queue."""
     server = start_server(
-        tiny_model, "--workers-per-device", "1", "--cpu-threads", "1", "--max-batch-size", "8",
-        "--max-queue-pairs", "200", "--max-documents-per-request", "100",
+        tiny_model,
+        "--workers-per-device",
+        "1",
+        "--cpu-threads",
+        "1",
+        "--max-batch-size",
+        "8",
+        "--max-queue-pairs",
+        "200",
+        "--max-documents-per-request",
+        "100",
         env={"RERANKER_FAULTS": "delay_ms=100"},
     )
     yield server
@@ -41,7 +54,9 @@ def slow(tiny_model):
 
 
 async def _rerank(stub, documents: int, timeout: float = 60, tag: str = "q"):
-    return await stub.Rerank(pb.RerankRequest(query=tag, documents=[f"doc {i}" for i in range(documents)]), timeout=timeout)
+    return await stub.Rerank(
+        pb.RerankRequest(query=tag, documents=[f"doc {i}" for i in range(documents)]), timeout=timeout
+    )
 
 
 async def _outcome(call):
@@ -74,9 +89,13 @@ def test_cancel_100_calls_mid_flight(slow):
         async with grpc.aio.insecure_channel(slow.address) as channel:
             stub = reranker_pb2_grpc.RerankerStub(channel)
             filler = asyncio.ensure_future(_rerank(stub, 80))  # about 1 s of work ahead of the others
-            await asyncio.to_thread(wait_until, lambda: slow.metric("reranker_queue_pairs") > 0, "the filler queued", 30)
+            await asyncio.to_thread(
+                wait_until, lambda: slow.metric("reranker_queue_pairs") > 0, "the filler queued", 30
+            )
             calls = [asyncio.ensure_future(_rerank(stub, 1, tag=f"c{i}")) for i in range(100)]
-            await asyncio.to_thread(wait_until, lambda: slow.metric("reranker_queue_pairs") >= 100, "the calls queued", 30)
+            await asyncio.to_thread(
+                wait_until, lambda: slow.metric("reranker_queue_pairs") >= 100, "the calls queued", 30
+            )
             for call in calls:
                 call.cancel()
             return await asyncio.gather(*calls, return_exceptions=True), await filler
@@ -157,7 +176,7 @@ def test_burst_beyond_the_queue_bound(slow):
     served = [(r, s) for r, s in outcomes if isinstance(r, pb.RerankResponse)]
     refused = [(r, s) for r, s in outcomes if not isinstance(r, pb.RerankResponse)]
     assert len(served) + len(refused) == 60
-    assert 0 < len(served) and len(refused) >= 60 - 200 // 10 - 8  # at most the bound plus what left for the worker
+    assert len(served) > 0 and len(refused) >= 60 - 200 // 10 - 8  # at most the bound plus what left for the worker
     for error, seconds in refused:
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_queue_pairs=200" in error.details()
@@ -179,7 +198,9 @@ def test_bad_bytes_on_the_wire(slow):
         with pytest.raises(grpc.RpcError) as error:
             raw(b"\xff" * 64, timeout=10)  # not a protobuf message at all
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        many = channel.stream_stream("/reranker.v1.Reranker/RerankMany", request_serializer=None, response_deserializer=None)
+        many = channel.stream_stream(
+            "/reranker.v1.Reranker/RerankMany", request_serializer=None, response_deserializer=None
+        )
         with pytest.raises(grpc.RpcError) as error:
             list(many(iter([invalid_utf8]), timeout=10))
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -193,14 +214,21 @@ def test_bad_bytes_on_the_wire(slow):
 def test_very_long_document_is_cut_not_refused(slow):
     with slow.channel() as channel:
         response = reranker_pb2_grpc.RerankerStub(channel).Rerank(
-            pb.RerankRequest(query="q", documents=["Paris " * 21845 + "P"]), timeout=60  # 131,071 characters
+            pb.RerankRequest(query="q", documents=["Paris " * 21845 + "P"]),
+            timeout=60,  # 131,071 characters
         )
     assert response.results[0].truncated and response.results[0].tokens == 8192
 
 
 def test_worker_killed_mid_batch_under_load(tiny_model, server_factory):
     server = server_factory(
-        tiny_model, "--workers-per-device", "2", "--cpu-threads", "1", "--max-batch-size", "4",
+        tiny_model,
+        "--workers-per-device",
+        "2",
+        "--cpu-threads",
+        "1",
+        "--max-batch-size",
+        "4",
         env={"RERANKER_FAULTS": "delay_ms=200"},
     )
 
@@ -209,7 +237,9 @@ def test_worker_killed_mid_batch_under_load(tiny_model, server_factory):
             stub = reranker_pb2_grpc.RerankerStub(channel)
 
             calls = [asyncio.ensure_future(_outcome(_rerank(stub, 6, timeout=30, tag=f"k{i}"))) for i in range(20)]
-            await asyncio.to_thread(wait_until, lambda: server.metric("reranker_batches_total", worker="0") > 0, "a batch on worker 0", 30)
+            await asyncio.to_thread(
+                wait_until, lambda: server.metric("reranker_batches_total", worker="0") > 0, "a batch on worker 0", 30
+            )
             victim = sorted(server.worker_pids())[0]
             os.kill(victim, signal.SIGKILL)
             start = time.monotonic()
@@ -221,7 +251,9 @@ def test_worker_killed_mid_batch_under_load(tiny_model, server_factory):
     for result in results:
         if not isinstance(result, pb.RerankResponse):
             assert result.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL), result.details()
-    assert sum(isinstance(r, pb.RerankResponse) for r in results) >= 10  # the other worker carried on, batches were retried
+    assert (
+        sum(isinstance(r, pb.RerankResponse) for r in results) >= 10
+    )  # the other worker carried on, batches were retried
     assert server.metric("reranker_batch_retries_total") >= 1
     wait_until(lambda: server.metric("reranker_worker_ready") == 2, "the pool back at full strength", 60)
     assert server.metric("reranker_worker_restarts_total") == 1
@@ -248,10 +280,14 @@ def test_no_worker_alive_means_not_serving(tiny_model, server_factory):
 
 
 def test_out_of_memory_splits_and_lowers_the_budget(tiny_model, server_factory):
-    server = server_factory(tiny_model, "--workers-per-device", "1", "--cpu-threads", "1", env={"RERANKER_FAULTS": "oom_above_tokens=600"})
+    server = server_factory(
+        tiny_model, "--workers-per-device", "1", "--cpu-threads", "1", env={"RERANKER_FAULTS": "oom_above_tokens=600"}
+    )
     with server.channel() as channel:
         stub = reranker_pb2_grpc.RerankerStub(channel)
-        response = stub.Rerank(pb.RerankRequest(query="q", documents=[f"document {i} " + "w " * 10 for i in range(20)]), timeout=60)
+        response = stub.Rerank(
+            pb.RerankRequest(query="q", documents=[f"document {i} " + "w " * 10 for i in range(20)]), timeout=60
+        )
         assert len(response.results) == 20
         assert 0 < server.metric("reranker_worker_token_budget") <= 600
         with pytest.raises(grpc.RpcError) as error:
@@ -263,7 +299,13 @@ def test_out_of_memory_splits_and_lowers_the_budget(tiny_model, server_factory):
 
 def test_sigterm_under_load_drains_and_leaves_no_process(tiny_model, server_factory):
     server = server_factory(
-        tiny_model, "--workers-per-device", "2", "--cpu-threads", "1", "--max-batch-size", "4",
+        tiny_model,
+        "--workers-per-device",
+        "2",
+        "--cpu-threads",
+        "1",
+        "--max-batch-size",
+        "4",
         env={"RERANKER_FAULTS": "delay_ms=150"},
     )
     workers = server.worker_pids()
@@ -272,7 +314,9 @@ def test_sigterm_under_load_drains_and_leaves_no_process(tiny_model, server_fact
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = reranker_pb2_grpc.RerankerStub(channel)
             calls = [asyncio.ensure_future(_rerank(stub, 8, timeout=60, tag=f"t{i}")) for i in range(10)]
-            await asyncio.to_thread(wait_until, lambda: server.metric("reranker_pairs_admitted_total") == 80, "all ten admitted", 30)
+            await asyncio.to_thread(
+                wait_until, lambda: server.metric("reranker_pairs_admitted_total") == 80, "all ten admitted", 30
+            )
             server.process.send_signal(signal.SIGTERM)
             await asyncio.to_thread(server.wait_for_event, "shutting_down")
             try:
@@ -291,7 +335,15 @@ def test_sigterm_under_load_drains_and_leaves_no_process(tiny_model, server_fact
 
 def test_grace_expiry_ends_every_call(tiny_model, server_factory):
     server = server_factory(
-        tiny_model, "--workers-per-device", "1", "--cpu-threads", "1", "--max-batch-size", "2", "--grace-period-s", "0.5",
+        tiny_model,
+        "--workers-per-device",
+        "1",
+        "--cpu-threads",
+        "1",
+        "--max-batch-size",
+        "2",
+        "--grace-period-s",
+        "0.5",
         env={"RERANKER_FAULTS": "delay_ms=300"},
     )
 
@@ -299,7 +351,9 @@ def test_grace_expiry_ends_every_call(tiny_model, server_factory):
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = reranker_pb2_grpc.RerankerStub(channel)
             calls = [asyncio.ensure_future(_rerank(stub, 10, timeout=60, tag=f"g{i}")) for i in range(4)]
-            await asyncio.to_thread(wait_until, lambda: server.metric("reranker_batches_total") > 0, "work in flight", 30)
+            await asyncio.to_thread(
+                wait_until, lambda: server.metric("reranker_batches_total") > 0, "work in flight", 30
+            )
             server.process.send_signal(signal.SIGTERM)
             return await asyncio.gather(*calls, return_exceptions=True)
 
@@ -322,7 +376,13 @@ def test_workers_die_with_a_killed_server(tiny_model, server_factory):
 
 def test_concurrent_call_cap(tiny_model, server_factory):
     server = server_factory(
-        tiny_model, "--workers-per-device", "1", "--cpu-threads", "1", "--max-concurrent-rpcs", "3",
+        tiny_model,
+        "--workers-per-device",
+        "1",
+        "--cpu-threads",
+        "1",
+        "--max-concurrent-rpcs",
+        "3",
         env={"RERANKER_FAULTS": "delay_ms=300"},
     )
 

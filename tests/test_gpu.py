@@ -28,7 +28,9 @@ def test_cuda_precisions_against_cpu_fp32(tiny_model, cpu_fp32, precision):
     logits = torch.tensor(run(scorer, encoded))
     error = (logits - reference).abs().max().item()
     rho = spearman(logits, reference)
-    print(f"\n[cuda {precision}] max |logit - cpu fp32| = {error:.5f}, Spearman = {rho:.5f}, memory = {scorer.memory_bytes} B")
+    print(
+        f"\n[cuda {precision}] max |logit - cpu fp32| = {error:.5f}, Spearman = {rho:.5f}, memory = {scorer.memory_bytes} B"
+    )
     if precision == "fp32":
         assert error < 1e-3
     else:

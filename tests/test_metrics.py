@@ -24,7 +24,9 @@ def send_traffic(address: str) -> list[int]:
             client.rerank("", ["refused before admission"])
         tokens.append(client.score([(QUERY, document) for document in DOCUMENTS[8:12]]).usage.tokens)
         tokens.append(list(client.rerank_stream(QUERY, DOCUMENTS[12:18]))[-1].final.usage.tokens)
-        many = client.rerank_many([rerank_request(QUERY, DOCUMENTS[:3], request_id="a"), rerank_request("q", DOCUMENTS[3:6], request_id="b")])
+        many = client.rerank_many(
+            [rerank_request(QUERY, DOCUMENTS[:3], request_id="a"), rerank_request("q", DOCUMENTS[3:6], request_id="b")]
+        )
         tokens += [answer.usage.tokens for answer in many]
         client.model_info()
     return tokens

@@ -35,7 +35,10 @@ def flaky():
 def run_check(address: str, inputs_file, *extra: str) -> tuple[int, dict]:
     done = subprocess.run(
         ["node", "check.js", "--target", address, "--input", str(inputs_file), "--timeout-ms", "60000", *extra],
-        cwd=NODE_CLIENT, capture_output=True, text=True, timeout=120,
+        cwd=NODE_CLIENT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.stdout.strip(), f"check.js printed nothing (exit {done.returncode}):\n{done.stderr}"
     return done.returncode, json.loads(done.stdout)
@@ -43,11 +46,20 @@ def run_check(address: str, inputs_file, *extra: str) -> tuple[int, dict]:
 
 def test_node_client_matches_the_python_client(installed, server_factory, tiny_model, tmp_path):
     # 4 rows per batch, so that 12 documents stream as several partial messages.
-    server = server_factory(tiny_model, "--max-batch-size", "4", "--cpu-threads", "1", env={"RERANKER_AUTH_TOKENS": TOKEN})
+    server = server_factory(
+        tiny_model, "--max-batch-size", "4", "--cpu-threads", "1", env={"RERANKER_AUTH_TOKENS": TOKEN}
+    )
     inputs = tmp_path / "inputs.json"
-    inputs.write_text(json.dumps({
-        "query": QUERY, "documents": DOCS, "pairs": PAIRS, "invalid": {"query": "", "documents": ["a"]},
-    }))
+    inputs.write_text(
+        json.dumps(
+            {
+                "query": QUERY,
+                "documents": DOCS,
+                "pairs": PAIRS,
+                "invalid": {"query": "", "documents": ["a"]},
+            }
+        )
+    )
 
     code, node = run_check(server.address, inputs, "--token", TOKEN)
     assert code == 0, node
@@ -81,7 +93,9 @@ def test_node_client_matches_the_python_client(installed, server_factory, tiny_m
 
     # Score: input order, the same logits.
     assert [result["index"] for result in node["score"]["results"]] == [0, 1, 2]
-    assert [result["logit"] for result in node["score"]["results"]] == pytest.approx([r.logit for r in scores.results], abs=1e-5)
+    assert [result["logit"] for result in node["score"]["results"]] == pytest.approx(
+        [r.logit for r in scores.results], abs=1e-5
+    )
 
     # GetModelInfo: the same fields, enums by name, camelCase keys.
     model = node["modelInfo"]
@@ -116,7 +130,10 @@ client.rerank(query, ['a'], { requestId })
 """
 
 
-@pytest.mark.parametrize("max_attempts, expected, attempts", [(3, {"ok": "node-3"}, 3), (1, {"code": "UNAVAILABLE", "details": "attempt 1 fails on purpose"}, 1)])
+@pytest.mark.parametrize(
+    "max_attempts, expected, attempts",
+    [(3, {"ok": "node-3"}, 3), (1, {"code": "UNAVAILABLE", "details": "attempt 1 fails on purpose"}, 1)],
+)
 def test_node_client_retries_unavailable(installed, flaky, max_attempts, expected, attempts):
     """The server fails the first two attempts with UNAVAILABLE: with maxAttempts 3
     the third succeeds; with 1 the call fails at once."""
@@ -124,7 +141,10 @@ def test_node_client_retries_unavailable(installed, flaky, max_attempts, expecte
     request_id = f"node-{max_attempts}"
     done = subprocess.run(
         ["node", "-e", RETRY_SCRIPT, address, "UNAVAILABLE:2", request_id, str(max_attempts)],
-        cwd=NODE_CLIENT, capture_output=True, text=True, timeout=60,
+        cwd=NODE_CLIENT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == expected

@@ -16,7 +16,15 @@ from tests.test_scoring import encode, run
 from tests.texts import DOCUMENTS, QUERIES
 from workers.scoring import load_scorer
 
-QUERY_SET = QUERIES + ["capital city", "Eiffel tower height", "German history", "how to cook rice", "数学", "python function", "¿Dónde está París?"]
+QUERY_SET = QUERIES + [
+    "capital city",
+    "Eiffel tower height",
+    "German history",
+    "how to cook rice",
+    "数学",
+    "python function",
+    "¿Dónde está París?",
+]
 PAIRS = [(query, document) for query in QUERY_SET for document in DOCUMENTS[:20]]
 
 # precision: (least Spearman, fp32 logit margin beyond which order must hold, most |logit - fp32|)

@@ -26,7 +26,7 @@ def test_token_ids_equal_the_recipe(tiny_model, tokenizer, max_length):
     if max_length == 160:
         assert any(pair.truncated for pair in encoded)
         # the suffix survives truncation
-        assert all(list(pair.ids[-len(encoder.suffix_ids):]) == encoder.suffix_ids for pair in encoded)
+        assert all(list(pair.ids[-len(encoder.suffix_ids) :]) == encoder.suffix_ids for pair in encoded)
 
 
 def test_truncated_only_when_cut(tokenizer):
@@ -72,7 +72,9 @@ def test_shared_prefix_is_what_every_document_of_a_query_starts_with(tokenizer, 
         shared = {pair.shared for pair in encoded}
         assert len(shared) == 1, "every document of one query shares the same head"
         (length,) = shared
-        head = tokenizer.encode(f"<Instruct>: {instruction or DEFAULT_INSTRUCTION}\n<Query>: {query}\n<Document>:", add_special_tokens=False).ids
+        head = tokenizer.encode(
+            f"<Instruct>: {instruction or DEFAULT_INSTRUCTION}\n<Query>: {query}\n<Document>:", add_special_tokens=False
+        ).ids
         assert length == len(encoder.prefix_ids) + len(head)
         assert {bytes(pair.ids[:length]) for pair in encoded} == {bytes(encoded[0].ids[:length])}
         assert all(length < pair.length for pair in encoded)

@@ -19,7 +19,9 @@ def test_stubs_match_the_proto(tmp_path):
     for relative in generated:
         committed = ROOT / relative
         assert committed.exists(), f"{relative} is generated but not committed: run make proto"
-        assert committed.read_bytes() == (tmp_path / relative).read_bytes(), f"{relative} drifted from the proto: run make proto"
+        assert committed.read_bytes() == (tmp_path / relative).read_bytes(), (
+            f"{relative} drifted from the proto: run make proto"
+        )
 
 
 def test_enums_start_unspecified():
@@ -31,7 +33,9 @@ def test_enums_start_unspecified():
 def test_package_and_rpcs():
     assert pb.DESCRIPTOR.package == "reranker.v1"
     service = pb.DESCRIPTOR.services_by_name["Reranker"]
-    shapes = {m.name: (m.input_type.name, m.output_type.name, m.client_streaming, m.server_streaming) for m in service.methods}
+    shapes = {
+        m.name: (m.input_type.name, m.output_type.name, m.client_streaming, m.server_streaming) for m in service.methods
+    }
     assert shapes == {
         "Rerank": ("RerankRequest", "RerankResponse", False, False),
         "RerankStream": ("RerankRequest", "RerankStreamResponse", False, True),
@@ -46,7 +50,12 @@ def test_every_field_is_documented():
     undocumented = []
     for before, line in zip(lines, lines[1:]):
         words = line.split()
-        is_field = line.rstrip().endswith(";") and "=" in words and words[0] not in ("option", "syntax", "package") and not words[0].isupper()
+        is_field = (
+            line.rstrip().endswith(";")
+            and "=" in words
+            and words[0] not in ("option", "syntax", "package")
+            and not words[0].isupper()
+        )
         if is_field and not before.strip().startswith("//"):
             undocumented.append(line.strip())
     assert not undocumented

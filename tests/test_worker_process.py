@@ -13,14 +13,23 @@ import pytest
 from tests.test_scoring import encode, run
 from tests.texts import DOCUMENTS, QUERIES
 from workers import protocol
-from workers.process import Faults, WorkerSpec, run as worker_main
+from workers.process import Faults, WorkerSpec
+from workers.process import run as worker_main
 from workers.scoring import load_scorer
 
 
 def spec(model, **changes) -> WorkerSpec:
     base = dict(
-        worker_id=0, model_path=str(model), device="cpu", precision="fp32", attn_implementation="sdpa",
-        max_length=8192, max_batch_tokens=16384, threads=1, log_format="json", log_level="warning",
+        worker_id=0,
+        model_path=str(model),
+        device="cpu",
+        precision="fp32",
+        attn_implementation="sdpa",
+        max_length=8192,
+        max_batch_tokens=16384,
+        threads=1,
+        log_format="json",
+        log_level="warning",
         parent_pid=os.getpid(),
     )
     return WorkerSpec(**{**base, **changes})
@@ -110,4 +119,6 @@ def test_wire_format_round_trips():
     assert protocol.decode(ready.encode()) == ready
     assert isinstance(protocol.decode(protocol.Shutdown().encode()), protocol.Shutdown)
     with pytest.raises(ValueError, match="lengths sum to 4, but 3 ids"):
-        protocol.ScoreBatch.decode(protocol.ScoreBatch(1, array("i", [4]), array("i", [0]), array("i", [1, 2, 3])).encode())
+        protocol.ScoreBatch.decode(
+            protocol.ScoreBatch(1, array("i", [4]), array("i", [0]), array("i", [1, 2, 3])).encode()
+        )

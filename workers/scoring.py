@@ -59,7 +59,9 @@ class Scorer:
         self._cache_keyword = "cache" if "cache" in parameters else "past_key_values"
 
     @torch.inference_mode()
-    def score(self, lengths: Sequence[int], ids: torch.Tensor, shared: Sequence[int] | None = None) -> tuple[torch.Tensor, int]:
+    def score(
+        self, lengths: Sequence[int], ids: torch.Tensor, shared: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, int]:
         """logit(yes) - logit(no) per row (float32, on the CPU).
 
         `ids` holds the rows back to back. `shared[i]` leading tokens of row i
@@ -261,4 +263,3 @@ def _bytes_held(*modules: torch.nn.Module) -> int:
                 seen.add(id(tensor))
                 total += tensor.numel() * tensor.element_size()
     return total
-
