@@ -23,7 +23,6 @@ import multiprocessing
 import pathlib
 import resource
 import warnings
-from array import array
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -33,7 +32,8 @@ import torch
 
 from bench.common import Stopwatch
 from bench.workloads import Request
-from workers.prompt import DEFAULT_INSTRUCTION, SUFFIX, SYSTEM_PREFIX, format_body
+from workers.prompt import DEFAULT_INSTRUCTION, SUFFIX, SYSTEM_PREFIX, EncodedPair, format_body
+from workers.protocol import ScoreBatch
 
 SERVICE = "service"
 PAD_TOKEN = "<|endoftext|>"
@@ -179,39 +179,29 @@ class EngineReranker:
     def __call__(self, query: str, documents: Sequence[str]) -> list[float]:
         pairs = self.encoder.encode([(query, document) for document in documents])
         scores = [0.0] * len(pairs)
-        for batch in plan_batches([pair.ids for pair in pairs], self.setup):
-            rows = [pairs[index] for index in batch]
-            ids = array("i")
-            for row in rows:
-                ids.extend(row.ids)
-            logits, _ = self.scorer.score(
-                [row.length for row in rows],
-                torch.frombuffer(ids, dtype=torch.int32),
-                shared=[row.shared for row in rows],
-            )
-            for index, logit in zip(batch, logits.tolist()):
+        for batch in plan_batches(pairs, self.setup):
+            logits, _ = self.scorer.score(ScoreBatch.from_pairs(0, [pairs[index] for index in batch]))
+            for index, logit in zip(batch, logits.tolist(), strict=True):
                 scores[index] = logit
         return scores
 
 
-def plan_batches(rows: Sequence[Sequence[int]], setup: Setup) -> list[list[int]]:
-    """The service's own batch planning (service.batcher.PendingQueue), as row indices."""
-    from service.batcher import Job, PendingQueue, _Pending
+def plan_batches(pairs: Sequence[EncodedPair], setup: Setup) -> list[list[int]]:
+    """The service's own batch planning (service.batcher.PendingQueue), as pair indices."""
+    from service.batcher import PendingQueue
+    from service.work import Job, QueuedPair
 
-    async def plan() -> list[list[int]]:
-        queue = PendingQueue()
-        job = Job(rows=list(rows))
-        for index, row in enumerate(rows):
-            queue.push(_Pending(job, index, len(row), index, 0.0))
-        batches = []
-        while len(queue):
-            items, _ = queue.plan(setup.max_batch_tokens, setup.max_batch_size, setup.min_padding_efficiency)
-            for item in items:
-                queue.remove(item)
-            batches.append([item.index for item in items])
-        return batches
-
-    return asyncio.run(plan())
+    queue = PendingQueue()
+    job = Job(pairs)
+    for index in range(len(pairs)):
+        queue.push(QueuedPair(job, index, index, 0.0))
+    batches = []
+    while len(queue):
+        items, _ = queue.plan(setup.max_batch_tokens, setup.max_batch_size, setup.min_padding_efficiency)
+        for item in items:
+            queue.remove(item)
+        batches.append([item.index for item in items])
+    return batches
 
 
 RERANKERS: dict[str, Callable[[Setup], Reranker]] = {
@@ -292,7 +282,7 @@ def run_in_process(name: str, setup: Setup, requests: Sequence[Request]) -> Run:
 def run_service(setup: Setup, requests: Sequence[Request], clients: int) -> Run:
     """Start `python -m service serve` with one worker, warm it up, and drive it
     with `clients` concurrent grpc.aio clients that share the requests."""
-    from tests.serving import start_server
+    from bench.server import start_server
 
     server = start_server(
         setup.model_dir, "--device", setup.device, "--dtype", setup.precision, "--workers-per-device", "1",

@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
             report["target"]["rss_mib_start"] = round(before / 2**20)
             report["target"]["rss_mib_end"] = round(rss_bytes(args.pid) / 2**20)
     else:
-        from tests.serving import start_server
+        from bench.server import start_server
 
         for config in args.config or ["default:"]:
             name, _, flags = config.partition(":")

@@ -15,97 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import heapq
 import itertools
-from array import array
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Sequence
 
-from service.errors import (
-    DeadlineExceeded,
-    InvalidArgument,
-    ResourceExhausted,
-    ServiceError,
-    Unavailable,
-)
+from service.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServiceError, Unavailable
 from service.metrics import Metrics
-
-if TYPE_CHECKING:
-    from service.pool import Worker, WorkerPool
-
-INTERACTIVE, BATCH = 0, 1
-_job_ids = itertools.count(1)
-
-
-@dataclass(eq=False)
-class Job:
-    """The scoring work of one request, and where its scores go."""
-
-    rows: list[array]  # token ids per pair, in request order
-    # Per row, how many leading tokens it may share with rows that start the
-    # same (workers.prompt.EncodedPair.shared); empty: none.
-    shared: list[int] = field(default_factory=list)
-    priority: int = INTERACTIVE
-    deadline: float | None = None  # loop time by which it must be answered
-    stream: bool = False  # deliver scored indices batch by batch through `progress`
-    id: int = field(default_factory=lambda: next(_job_ids))
-
-    def __post_init__(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.future: asyncio.Future[None] = loop.create_future()
-        self.progress: asyncio.Queue[list[int]] | None = asyncio.Queue() if self.stream else None
-        self.logits: list[float] = [0.0] * len(self.rows)
-        self.remaining = len(self.rows)
-        self.tokens = sum(len(row) for row in self.rows)
-        self.admitted_at = loop.time()
-        self.started_at = self.admitted_at  # when its latest batch began computing
-        self.compute_seconds = 0.0
-        self.items: list[_Pending] = []
-        self.batches: list[BatchRecord] = []  # the batches that held its pairs, for tracing
-
-    @property
-    def done(self) -> bool:
-        return self.future.done()
-
-    def _finish(self, error: ServiceError | None = None, cancel: bool = False) -> None:
-        """Resolve the future: scored, failed with `error`, or (`cancel`) cancelled,
-        which nobody awaits any more and so must not carry an exception."""
-        if self.future.done():
-            return
-        if cancel:
-            self.future.cancel()
-        elif error is None:
-            self.future.set_result(None)
-        else:
-            self.future.set_exception(error)
-        if self.progress is not None:
-            self.progress.put_nowait([])  # wakes a stream reader; the future says how it ended
-
-
-@dataclass(frozen=True, slots=True)
-class BatchRecord:
-    """One batch as one job saw it (loop times)."""
-
-    batch_id: int
-    worker: str
-    rows: int
-    rows_of_job: int
-    padded_tokens: int
-    sent_at: float
-    done_at: float
-    compute_seconds: float
-
-
-@dataclass(eq=False, slots=True)
-class _Pending:
-    job: Job
-    index: int
-    length: int
-    seq: int
-    enqueued_at: float
-    queued: bool = False
-    retried: bool = False
+from service.work import Batch, BatchRecord, Job, QueuedPair, Workers, WorkerSlot
 
 
 class PendingQueue:
@@ -114,14 +32,14 @@ class PendingQueue:
 
     def __init__(self) -> None:
         self._by_length: list[tuple[int, int]] = []
-        self._items: dict[int, _Pending] = {}
+        self._items: dict[int, QueuedPair] = {}
         self._arrivals: tuple[OrderedDict[int, None], ...] = (OrderedDict(), OrderedDict())
         self.tokens = 0
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def push(self, item: _Pending, first: bool = False) -> None:
+    def push(self, item: QueuedPair, first: bool = False) -> None:
         bisect.insort(self._by_length, (item.length, item.seq))
         self._items[item.seq] = item
         arrivals = self._arrivals[item.job.priority]
@@ -131,7 +49,7 @@ class PendingQueue:
         item.queued = True
         self.tokens += item.length
 
-    def remove(self, item: _Pending) -> None:
+    def remove(self, item: QueuedPair) -> None:
         if not item.queued:
             return
         del self._by_length[bisect.bisect_left(self._by_length, (item.length, item.seq))]
@@ -140,13 +58,13 @@ class PendingQueue:
         item.queued = False
         self.tokens -= item.length
 
-    def oldest(self) -> _Pending | None:
+    def oldest(self) -> QueuedPair | None:
         for arrivals in self._arrivals:
             if arrivals:
                 return self._items[next(iter(arrivals))]
         return None
 
-    def plan(self, max_tokens: int, max_rows: int, min_efficiency: float = 0.0) -> tuple[list[_Pending], bool]:
+    def plan(self, max_tokens: int, max_rows: int, min_efficiency: float = 0.0) -> tuple[list[QueuedPair], bool]:
         """The next batch: the oldest pair, then the closest lengths that fit.
 
         A pair fits when the batch stays within `max_tokens` padded tokens (rows
@@ -187,29 +105,12 @@ class PendingQueue:
         return chosen, True
 
 
-@dataclass(eq=False)
-class Batch:
-    """A batch on its way to, or on, a worker."""
-
-    id: int
-    items: list[_Pending]
-    padded_tokens: int
-    sent_at: float
-    worker: str
-
-    @property
-    def rows(self) -> list[array]:
-        return [item.job.rows[item.index] for item in self.items]
-
-    @property
-    def shared(self) -> list[int]:
-        return [item.job.shared[item.index] if item.job.shared else 0 for item in self.items]
-
-
 class Batcher:
+    """Admits jobs, plans batches, and routes results (it is the workers' BatchSink)."""
+
     def __init__(
         self,
-        pool: WorkerPool,
+        workers: Workers,
         metrics: Metrics,
         *,
         max_batch_size: int,
@@ -218,7 +119,7 @@ class Batcher:
         max_queue_pairs: int,
         max_queue_tokens: int,
     ) -> None:
-        self._pool = pool
+        self._workers = workers
         self._metrics = metrics
         self._max_rows = max_batch_size
         self._min_efficiency = min_padding_efficiency
@@ -238,20 +139,32 @@ class Batcher:
 
     # -- requests ------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def running(self, job: Job) -> AsyncIterator[Job]:
+        """Admit `job` (or refuse it at once) for the block's duration. However the
+        block ends (done, failed, cancelled), the job's pairs still queued then
+        are dropped; a finished job is left as it is."""
+        self.submit(job)
+        try:
+            yield job
+        finally:
+            self.cancel(job)
+
     def submit(self, job: Job) -> None:
-        """Admit a job or refuse it at once; its future resolves when it is done."""
+        """Admit a job or refuse it at once; it resolves when it is done. Prefer
+        `running`, which also drops the job's work when its caller goes away."""
         if self._closed:
             raise Unavailable("the server is shutting down; retry on another replica")
-        if not self._pool.ready_count:
+        if not self._workers.ready_count:
             raise Unavailable("no worker is ready (the model is loading or a worker is restarting); retry shortly")
         if job.tokens > self._max_queue_tokens:
             raise InvalidArgument(
                 f"the request has {job.tokens} tokens, more than the whole queue holds (max_queue_tokens={self._max_queue_tokens})"
             )
-        if len(self._queue) + len(job.rows) > self._max_queue_pairs:
+        if len(self._queue) + len(job.pairs) > self._max_queue_pairs:
             self._metrics.rejected.labels("queue_pairs").inc()
             raise ResourceExhausted(
-                f"queue full: {len(self._queue)} pairs waiting + {len(job.rows)} in this request > max_queue_pairs={self._max_queue_pairs}; retry later"
+                f"queue full: {len(self._queue)} pairs waiting + {len(job.pairs)} in this request > max_queue_pairs={self._max_queue_pairs}; retry later"
             )
         if self._queue.tokens + job.tokens > self._max_queue_tokens:
             self._metrics.rejected.labels("queue_tokens").inc()
@@ -264,11 +177,12 @@ class Batcher:
             if job.deadline <= now:
                 raise DeadlineExceeded("the deadline passed before the request was queued")
             heapq.heappush(self._deadlines, (job.deadline, job.id, job))
+        job.admit(now)
         self.jobs[job.id] = job
-        self._metrics.pairs_admitted.inc(len(job.rows))
-        job.future.add_done_callback(lambda _: self.jobs.pop(job.id, None))
-        for index, row in enumerate(job.rows):
-            item = _Pending(job, index, len(row), next(self._seq), now)
+        self._metrics.pairs_admitted.inc(len(job.pairs))
+        job._future.add_done_callback(lambda _: self.jobs.pop(job.id, None))
+        for index in range(len(job.pairs)):
+            item = QueuedPair(job, index, next(self._seq), now)
             job.items.append(item)
             self._queue.push(item)
         self._queue_changed()
@@ -287,7 +201,7 @@ class Batcher:
         for item in dropped:
             self._queue.remove(item)
         self._metrics.pairs.labels(outcome).inc(len(dropped))
-        job._finish(error, cancel=error is None)
+        job.finish(error, cancel=error is None)
         self._queue_changed()
 
     # -- the loop ------------------------------------------------------------------
@@ -310,6 +224,11 @@ class Batcher:
     def refuse_new_work(self) -> None:
         self._closed = True
 
+    @property
+    def closed(self) -> bool:
+        """New jobs are refused (the server is shutting down)."""
+        return self._closed
+
     async def _run(self) -> None:
         while not self._stopped:
             self._wakeup.clear()
@@ -328,7 +247,7 @@ class Batcher:
         """Send every batch that is ready; return how long until one may be."""
         loop = asyncio.get_running_loop()
         while len(self._queue):
-            worker = self._pool.least_loaded()
+            worker = self._workers.least_loaded()
             if worker is None:
                 break
             items, full = self._queue.plan(worker.token_budget, self._max_rows, self._min_efficiency)
@@ -338,7 +257,7 @@ class Batcher:
             self._send(worker, items)
         return self._next_deadline_in(None)
 
-    def _send(self, worker: Worker, items: list[_Pending]) -> None:
+    def _send(self, worker: WorkerSlot, items: list[QueuedPair]) -> None:
         for item in items:
             self._queue.remove(item)
         width = max(item.length for item in items)
@@ -349,7 +268,7 @@ class Batcher:
         m.batch_tokens.observe(batch.padded_tokens)
         m.padded_tokens.inc(batch.padded_tokens)
         self._queue_changed()
-        self._pool.submit(worker, batch)
+        self._workers.submit(worker, batch)
 
     # -- deadlines -------------------------------------------------------------------
 
@@ -386,14 +305,14 @@ class Batcher:
 
     # -- results (called by the pool) ------------------------------------------------
 
-    def scored(self, batch: Batch, logits: array, compute_seconds: float) -> None:
+    def scored(self, batch: Batch, logits: Sequence[float], compute_seconds: float) -> None:
         now = asyncio.get_running_loop().time()
         self._batch_seconds = (
             compute_seconds if not self._batch_seconds else 0.8 * self._batch_seconds + 0.2 * compute_seconds
         )
         progress: dict[Job, list[int]] = {}
         discarded = 0
-        for item, logit in zip(batch.items, logits):
+        for item, logit in zip(batch.items, logits, strict=True):
             job = item.job
             if job.done:
                 discarded += 1
@@ -416,10 +335,7 @@ class Batcher:
             )
             job.compute_seconds += compute_seconds
             job.started_at = max(job.started_at, now - compute_seconds)
-            if job.progress is not None:
-                job.progress.put_nowait(indices)
-            if job.remaining == 0:
-                job._finish()
+            job.scored(indices)
         scored = len(batch.items) - discarded
         self._metrics.pairs.labels("scored").inc(scored)
         self._metrics.pairs.labels("discarded").inc(discarded)
@@ -444,7 +360,7 @@ class Batcher:
 
     def workers_changed(self) -> None:
         """With no worker left alive, nothing waiting can be served: fail it now."""
-        if not self._pool.alive_count:
+        if not self._workers.alive_count:
             for job in list(self.jobs.values()):
                 self._end(
                     job, Unavailable("every worker has died; the pool is restarting them, retry shortly"), "failed"

@@ -1,40 +1,39 @@
-"""The errors a call can end with, each tied to its gRPC status in one place.
+"""The errors a call can end with, whatever transport carried it.
 
-Servicers, the batcher and the pool raise these; the interceptor turns them
-into statuses. Messages go to clients, so they say what was wrong and which
-limit applies, and never echo request text.
+The core, the batcher and the pool raise these; each transport maps them to
+its own statuses in one place (service.interceptors for gRPC). Messages go to
+clients, so they say what was wrong and which limit applies, and never echo
+request text.
 """
 
 from __future__ import annotations
 
-import grpc
-
 
 class ServiceError(Exception):
-    code = grpc.StatusCode.INTERNAL
-
     @property
     def message(self) -> str:
         return str(self)
 
 
 class InvalidArgument(ServiceError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    """The request is malformed or breaks a limit; retrying it will not help."""
+
+
+class NotFound(ServiceError):
+    """The request names something this server does not serve (a model)."""
 
 
 class ResourceExhausted(ServiceError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    """Overloaded (queue or concurrent calls full), or the request cannot fit in memory."""
 
 
 class Unavailable(ServiceError):
     """Retryable elsewhere or later: draining, loading, or no healthy worker."""
 
-    code = grpc.StatusCode.UNAVAILABLE
-
 
 class DeadlineExceeded(ServiceError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    pass
 
 
 class Internal(ServiceError):
-    code = grpc.StatusCode.INTERNAL
+    pass

@@ -1,5 +1,6 @@
-"""Server interceptors: the one place where errors become statuses, where each
-call gets its log line and metrics, and where bearer tokens are checked."""
+"""Server interceptors: the one place where errors become gRPC statuses, where
+each call gets its log line and metrics, where the number of calls in progress
+is bounded, and where bearer tokens are checked."""
 
 from __future__ import annotations
 
@@ -12,11 +13,35 @@ from collections.abc import Awaitable, Callable, Sequence
 import grpc
 import structlog
 
-from service.errors import InvalidArgument, ServiceError
+from service.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
+from service.limits import CallLimit
 from service.metrics import Metrics
 from service.tracing import Tracing
 
 log = structlog.get_logger("rpc")
+
+_STATUS = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Internal: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_of(error: ServiceError) -> grpc.StatusCode:
+    """The gRPC status for a service error (INTERNAL for one not listed)."""
+    return next((code for kind, code in _STATUS.items() if isinstance(error, kind)), grpc.StatusCode.INTERNAL)
+
 
 _RERANKER = "/reranker.v1.Reranker/"
 _HEALTH = "/grpc.health.v1.Health/"
@@ -75,11 +100,20 @@ async def _checked(requests):
 
 
 class ObservingInterceptor(grpc.aio.ServerInterceptor):
-    """Maps service errors to statuses (never leaking internals), and writes one
-    log line and the request metrics per Reranker call."""
+    """Maps service errors to statuses (never leaking internals), bounds the
+    Reranker calls in progress (health checks are not counted, so probes always
+    get an answer), and writes one log line and the request metrics per call."""
 
-    def __init__(self, metrics: Metrics, tracing: Tracing | None = None) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        limit: CallLimit,
+        stopping: asyncio.Event,
+        tracing: Tracing | None = None,
+    ) -> None:
         self._metrics = metrics
+        self._limit = limit
+        self._stopping = stopping  # set once shutdown has cut calls short: they end UNAVAILABLE
         self._tracing = tracing
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
@@ -112,23 +146,25 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(rpc=rpc)
         start = time.perf_counter()
-        code = grpc.StatusCode.OK
+        code, reason = grpc.StatusCode.OK, None
         trace = self._tracing.attach(context.invocation_metadata()) if self._tracing else None
         try:
-            yield
+            with self._limit.taken():
+                yield
         except ServiceError as exc:
-            code = exc.code
-            await context.abort(exc.code, exc.message)
+            code, reason = status_of(exc), exc.message
+            await context.abort(code, exc.message)
         except grpc.aio.AbortError:
             code = context.code() or grpc.StatusCode.UNKNOWN
             raise
         except asyncio.CancelledError:
             remaining = context.time_remaining()
-            code = (
-                grpc.StatusCode.DEADLINE_EXCEEDED
-                if remaining is not None and remaining <= 0
-                else grpc.StatusCode.CANCELLED
-            )
+            if self._stopping.is_set():
+                code, reason = grpc.StatusCode.UNAVAILABLE, "the server stopped before the call finished"
+            elif remaining is not None and remaining <= 0:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+            else:
+                code = grpc.StatusCode.CANCELLED
             raise
         except Exception:
             code = grpc.StatusCode.INTERNAL
@@ -140,7 +176,10 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
             seconds = time.perf_counter() - start
             self._metrics.requests.labels(rpc, code.name).inc()
             self._metrics.request_seconds.labels(rpc).observe(seconds)
-            log.info("rpc", code=code.name, ms=round(1000 * seconds, 2))
+            if reason is None:
+                log.info("rpc", code=code.name, ms=round(1000 * seconds, 2))
+            else:
+                log.info("rpc", code=code.name, ms=round(1000 * seconds, 2), reason=reason)
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):

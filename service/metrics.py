@@ -27,6 +27,9 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.calls_in_progress = Gauge(
+            "reranker_calls_in_progress", "Calls being served (bounded by max_concurrent_rpcs).", registry=r
+        )
         self.queue_pairs = Gauge("reranker_queue_pairs", "Pairs waiting for a worker.", registry=r)
         self.queue_tokens = Gauge("reranker_queue_tokens", "Tokens waiting for a worker.", registry=r)
         self.rejected = Counter(

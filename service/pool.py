@@ -1,10 +1,13 @@
-"""The worker processes: starting them, talking to them, and restarting them.
+"""The workers: starting them, talking to them, watching them, restarting them.
 
-Each worker is a spawned process (workers.process.run) joined to the front end
-by a socket pair. One supervisor task per worker reads its answers, hands them
-to the batcher, and when the process dies fails its batches over (one retry
-each, decided by the batcher) and starts a new process with backoff. The pool
-makes no batching decisions; it only says which worker has room.
+Each worker is started by a Launcher (a spawned process in production, a thread
+of this process in tests and benchmarks) and joined to the front end by a
+socket pair that carries workers.protocol frames. One supervisor task per
+worker reads its answers and hands them to the batcher (the BatchSink). When a
+worker dies, or holds a batch far longer than batches have taken (a hang), it
+is killed, its batches go back to the batcher for one more try elsewhere, and
+a new one is started with backoff. The pool makes no batching decisions; it
+only says which worker has room (it implements service.work.Workers).
 """
 
 from __future__ import annotations
@@ -19,26 +22,80 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import structlog
 
-from service.errors import Internal, ResourceExhausted, Unavailable
+from service.errors import Internal, ResourceExhausted, ServiceError, Unavailable
 from service.metrics import Metrics
-from workers import protocol
-from workers.process import WorkerSpec, run
-
-if TYPE_CHECKING:
-    from service.batcher import Batch, Batcher
+from service.work import Batch, BatchSink
+from workers import process, protocol
+from workers.process import WorkerSpec
 
 log = structlog.get_logger("pool")
 
 _RESTART_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
 _STABLE_SECONDS = 60.0  # a worker up this long has its backoff reset
+# With batch_timeout_s = 0 (auto), a worker is declared hung when it holds a
+# batch longer than _HANG_FACTOR times the batch's expected compute time (its
+# padded tokens times the seconds per padded token that worker has measured,
+# starting from its warm-up), and never sooner than _HANG_FLOOR_S.
+_HANG_FACTOR = 10.0
+_HANG_FLOOR_S = 10.0
 
 
 class WorkerLoadError(RuntimeError):
     """A worker could not load its model at start-up (the server cannot serve)."""
+
+
+class WorkerHandle(Protocol):
+    """One started worker, as its launcher hands it over."""
+
+    sock: socket.socket  # the front end's end of the channel
+
+    def kill(self) -> None:
+        """Stop it now, whatever it is doing."""
+
+    async def ended(self, timeout: float) -> str | None:
+        """Wait up to `timeout` seconds for it to end; how it ended, or None if it has not."""
+
+
+class Launcher(Protocol):
+    def launch(self, spec: WorkerSpec) -> WorkerHandle: ...
+
+
+class ProcessLauncher:
+    """Workers as spawned processes (never forked: CUDA and gRPC threads do not
+    survive a fork). `target` is the process's entry point."""
+
+    def __init__(self, target: Callable[[socket.socket, WorkerSpec], None] = process.run) -> None:
+        self._target = target
+        self._context = multiprocessing.get_context("spawn")
+
+    def launch(self, spec: WorkerSpec) -> WorkerHandle:
+        ours, theirs = socket.socketpair()
+        child = self._context.Process(
+            target=self._target, args=(theirs, spec), name=f"reranker-worker-{spec.worker_id}", daemon=True
+        )
+        child.start()
+        theirs.close()
+        return _ProcessHandle(ours, child)
+
+
+@dataclass
+class _ProcessHandle:
+    sock: socket.socket
+    process: multiprocessing.process.BaseProcess
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    async def ended(self, timeout: float) -> str | None:
+        await asyncio.to_thread(self.process.join, timeout)
+        code = self.process.exitcode
+        if code is None:
+            return None
+        return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
 
 
 class State(enum.Enum):
@@ -53,11 +110,14 @@ class Worker:
     spec: WorkerSpec
     token_budget: int
     state: State = State.STARTING
-    process: multiprocessing.process.BaseProcess | None = None
+    handle: WorkerHandle | None = None
     writer: asyncio.StreamWriter | None = None
-    in_flight: dict[int, Batch] = field(default_factory=dict)
+    in_flight: dict[int, Batch] = field(default_factory=dict)  # in the order sent, which is the order answered
     info: protocol.WorkerReady | None = None
     restarts: int = 0
+    seconds_per_token: float = 0.0  # measured compute time per padded token, for hang detection
+    busy_since: float = 0.0  # loop time at which it began its oldest batch in flight
+    watchdog: asyncio.Timeout | None = None
 
     @property
     def name(self) -> str:
@@ -70,18 +130,24 @@ class Worker:
 
 class WorkerPool:
     def __init__(
-        self, specs: list[WorkerSpec], metrics: Metrics, *, batches_in_flight: int, batch_timeout_s: float
+        self,
+        specs: list[WorkerSpec],
+        metrics: Metrics,
+        *,
+        batches_in_flight: int,
+        batch_timeout_s: float,
+        launcher: Launcher | None = None,
     ) -> None:
         self.workers = [Worker(spec, spec.max_batch_tokens) for spec in specs]
         self._metrics = metrics
         self._batches_in_flight = batches_in_flight
         self._batch_timeout = batch_timeout_s
-        self._batcher: Batcher | None = None
+        self._launcher = launcher or ProcessLauncher()
+        self._sink: BatchSink | None = None
         self._on_change: Callable[[], None] = lambda: None
         self._tasks: list[asyncio.Task] = []
         self._first_load: asyncio.Future[None] | None = None
         self._stopping = False
-        self._context = multiprocessing.get_context("spawn")
 
     # -- what the batcher sees ---------------------------------------------------------
 
@@ -99,15 +165,18 @@ class WorkerPool:
         return min(free, key=lambda w: (w.load, len(w.in_flight)), default=None)
 
     def submit(self, worker: Worker, batch: Batch) -> None:
+        if not worker.in_flight:
+            worker.busy_since = asyncio.get_running_loop().time()
         worker.in_flight[batch.id] = batch
-        worker.writer.write(protocol.frame(protocol.ScoreBatch.from_rows(batch.id, batch.rows, batch.shared)))
+        worker.writer.write(protocol.frame(protocol.ScoreBatch.from_pairs(batch.id, (i.pair for i in batch.items))))
+        self._rearm(worker)
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    async def start(self, batcher: Batcher, on_change: Callable[[], None] = lambda: None) -> None:
-        """Spawn every worker; returns at once. `wait_ready` waits for the models.
-        `on_change` is called whenever a worker becomes ready or dies."""
-        self._batcher = batcher
+    async def start(self, sink: BatchSink, on_change: Callable[[], None] = lambda: None) -> None:
+        """Start every worker; returns at once (`wait_ready` waits for the models).
+        Results go to `sink`; `on_change` is called whenever a worker becomes ready or dies."""
+        self._sink = sink
         self._on_change = on_change
         self._first_load = asyncio.get_running_loop().create_future()
         for worker in self.workers:
@@ -133,18 +202,20 @@ class WorkerPool:
 
     async def _supervise(self, worker: Worker) -> None:
         attempt = 0
+        loop = asyncio.get_running_loop()
         while not self._stopping:
-            started = asyncio.get_running_loop().time()
+            started = loop.time()
             try:
                 reason = await self._run_once(worker)
             except Exception as exc:  # a bug here must not leave this worker's batches hanging
                 log.exception("worker_supervision_failed", worker_id=worker.spec.worker_id)
-                worker.process.kill()
+                if worker.handle is not None:
+                    worker.handle.kill()
                 reason = f"supervision failed: {type(exc).__name__}"
             if self._stopping:
                 return
             self._worker_died(worker, reason)
-            if asyncio.get_running_loop().time() - started > _STABLE_SECONDS:
+            if loop.time() - started > _STABLE_SECONDS:
                 attempt = 0
             delay = _RESTART_BACKOFF[min(attempt, len(_RESTART_BACKOFF) - 1)]
             attempt += 1
@@ -154,33 +225,43 @@ class WorkerPool:
             self._metrics.worker_restarts.labels(worker.name).inc()
 
     async def _run_once(self, worker: Worker) -> str:
-        """Start the process and serve its channel until it ends; returns why it ended."""
+        """Start the worker and serve its channel until it ends; returns why it ended."""
         worker.state = State.STARTING
-        ours, theirs = socket.socketpair()
-        worker.process = self._context.Process(
-            target=run, args=(theirs, worker.spec), name=f"reranker-worker-{worker.name}", daemon=True
-        )
-        worker.process.start()
-        theirs.close()
-        reader, worker.writer = await asyncio.open_unix_connection(sock=ours)
+        worker.handle = self._launcher.launch(worker.spec)
+        reader, worker.writer = await asyncio.open_unix_connection(sock=worker.handle.sock)
         try:
-            while True:
-                timeout = self._batch_timeout if worker.in_flight else None
-                try:
-                    async with asyncio.timeout(timeout):  # not wait_for: see Batcher.close
-                        header = await reader.readexactly(protocol.FRAME_HEADER.size)
+            async with asyncio.timeout(None) as worker.watchdog:  # armed while a batch is in flight
+                while True:
+                    header = await reader.readexactly(protocol.FRAME_HEADER.size)
                     payload = await reader.readexactly(protocol.FRAME_HEADER.unpack(header)[0])
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    # EOF, or a reset seen first by a write to the dead process
-                    return await self._exit_reason(worker)
-                except TimeoutError:
-                    worker.process.kill()
-                    return f"no answer for {self._batch_timeout:.0f} s with a batch in flight (batch_timeout_s); killed"
-                problem = self._handle(worker, protocol.decode(payload))
-                if problem:
-                    return problem
+                    problem = self._handle(worker, protocol.decode(payload))
+                    if problem:
+                        return problem
+        except (asyncio.IncompleteReadError, ConnectionError):
+            # EOF, or a reset seen first by a write to the dead worker
+            return await worker.handle.ended(5) or "closed its channel"
+        except TimeoutError:
+            worker.handle.kill()
+            return f"held a batch for {self._allowed(worker, next(iter(worker.in_flight.values()))):.1f} s without answering (hung); killed"
         finally:
+            worker.watchdog = None
             worker.writer.close()
+
+    def _rearm(self, worker: Worker) -> None:
+        """Point the worker's watchdog at the time its oldest batch must be answered by."""
+        if worker.watchdog is None:
+            return
+        if not worker.in_flight:
+            worker.watchdog.reschedule(None)
+            return
+        oldest = next(iter(worker.in_flight.values()))
+        worker.watchdog.reschedule(worker.busy_since + self._allowed(worker, oldest))
+
+    def _allowed(self, worker: Worker, batch: Batch) -> float:
+        """How long `worker` may take over `batch` before it counts as hung."""
+        if self._batch_timeout > 0:
+            return self._batch_timeout
+        return max(_HANG_FLOOR_S, _HANG_FACTOR * worker.seconds_per_token * batch.padded_tokens)
 
     def _handle(self, worker: Worker, message: protocol.Message) -> str | None:
         if isinstance(message, protocol.WorkerReady):
@@ -193,26 +274,31 @@ class WorkerPool:
                     )
                 )
             return f"load failed: {message.message}"
-        elif isinstance(message, protocol.BatchScores):
+        elif isinstance(message, protocol.BatchScores | protocol.BatchFailed):
             batch = worker.in_flight.pop(message.batch_id)
-            self._metrics.compute_seconds.labels(worker.name).inc(message.compute_seconds)
-            if message.token_budget:
-                self._lower_budget(worker, message.token_budget)
-            if len(message.logits) != len(batch.items):
-                self._batcher.failed(
-                    batch,
-                    Internal(f"worker {worker.name} returned {len(message.logits)} scores for {len(batch.items)} rows"),
-                    retry=False,
-                )
+            worker.busy_since = asyncio.get_running_loop().time()
+            self._rearm(worker)
+            if isinstance(message, protocol.BatchScores):
+                self._scored(worker, batch, message)
             else:
-                self._batcher.scored(batch, message.logits, message.compute_seconds)
-        elif isinstance(message, protocol.BatchFailed):
-            batch = worker.in_flight.pop(message.batch_id)
-            self._batcher.failed(batch, self._error_for(worker, message), retry=False)
+                self._sink.failed(batch, self._error_for(worker, message), retry=False)
         return None
+
+    def _scored(self, worker: Worker, batch: Batch, message: protocol.BatchScores) -> None:
+        self._metrics.compute_seconds.labels(worker.name).inc(message.compute_seconds)
+        if message.token_budget:
+            self._lower_budget(worker, message.token_budget)
+        measured = message.compute_seconds / max(1, batch.padded_tokens)
+        worker.seconds_per_token = 0.7 * worker.seconds_per_token + 0.3 * measured
+        if len(message.logits) != len(batch.items):
+            error = Internal(f"worker {worker.name} returned {len(message.logits)} scores for {len(batch.items)} rows")
+            self._sink.failed(batch, error, retry=False)
+        else:
+            self._sink.scored(batch, message.logits, message.compute_seconds)
 
     def _ready(self, worker: Worker, message: protocol.WorkerReady) -> None:
         worker.state, worker.info = State.READY, message
+        worker.seconds_per_token = message.seconds_per_token
         if message.token_budget:
             self._lower_budget(worker, message.token_budget)
         self._metrics.worker_ready.labels(worker.name, worker.spec.device).set(1)
@@ -229,7 +315,7 @@ class WorkerPool:
         )
         if self.ready_count == len(self.workers) and not self._first_load.done():
             self._first_load.set_result(None)
-        self._batcher.workers_changed()
+        self._sink.workers_changed()
         self._on_change()
 
     def _lower_budget(self, worker: Worker, fitted: int) -> None:
@@ -237,7 +323,7 @@ class WorkerPool:
         self._metrics.worker_token_budget.labels(worker.name).set(worker.token_budget)
         log.warning("worker_budget_lowered", worker_id=worker.spec.worker_id, max_batch_tokens=worker.token_budget)
 
-    def _error_for(self, worker: Worker, message: protocol.BatchFailed):
+    def _error_for(self, worker: Worker, message: protocol.BatchFailed) -> ServiceError:
         where = f"worker {worker.name} ({worker.spec.device})"
         if message.failure is protocol.Failure.OUT_OF_MEMORY:
             return ResourceExhausted(
@@ -257,28 +343,19 @@ class WorkerPool:
         )
         batches, worker.in_flight = list(worker.in_flight.values()), {}
         for batch in batches:
-            self._batcher.failed(
+            self._sink.failed(
                 batch, Unavailable(f"worker {worker.name} died while scoring this request, twice; retry"), retry=True
             )
-        self._batcher.workers_changed()
+        self._sink.workers_changed()
         self._on_change()
 
-    async def _exit_reason(self, worker: Worker) -> str:
-        await asyncio.to_thread(worker.process.join, 5)
-        code = worker.process.exitcode
-        if code is not None and code < 0:
-            return f"killed by {signal.Signals(-code).name}"
-        return f"exited with code {code}"
-
     async def _reap(self, worker: Worker, timeout: float) -> None:
-        process = worker.process
-        if process is None:
+        if worker.handle is None:
             return
-        await asyncio.to_thread(process.join, timeout)
-        if process.is_alive():
+        if await worker.handle.ended(timeout) is None:
             log.warning("worker_killed_at_stop", worker_id=worker.spec.worker_id)
-            process.kill()
-            await asyncio.to_thread(process.join, 5)
+            worker.handle.kill()
+            await worker.handle.ended(5)
         worker.state = State.STOPPED
         self._metrics.worker_ready.labels(worker.name, worker.spec.device).set(0)
 

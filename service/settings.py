@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from service.logs import LOG_FORMATS
+from workers.logs import LOG_FORMATS
 from workers.precision import PRECISIONS
 
 ENV_PREFIX = "RERANKER_"
@@ -41,8 +41,13 @@ class Settings:
     host: str = _setting("0.0.0.0", "address to listen on")
     port: int = _setting(50051, "gRPC port (0 picks a free one and logs it)")
     metrics_port: int = _setting(9400, "Prometheus metrics port (0 turns the endpoint off)")
+    metrics_host: str = _setting(
+        "", "address the metrics endpoint listens on (empty: the same as --host); it has no authentication"
+    )
     max_message_bytes: int = _setting(16 * 1024 * 1024, "largest request message")
-    max_concurrent_rpcs: int = _setting(1024, "calls served at once; more are refused with RESOURCE_EXHAUSTED")
+    max_concurrent_rpcs: int = _setting(
+        1024, "calls served at once; more are refused with RESOURCE_EXHAUSTED (health checks are never refused)"
+    )
     max_concurrent_streams: int = _setting(256, "HTTP/2 streams per client connection")
     max_requests_per_stream: int = _setting(256, "RerankMany requests in progress per stream; more wait (flow control)")
     # Batching
@@ -65,7 +70,11 @@ class Settings:
     tokenizer_threads: int = _setting(2, "threads that tokenize requests off the event loop")
     # Lifecycle
     grace_period_s: float = _setting(30.0, "on SIGTERM, how long calls in flight may take to finish")
-    batch_timeout_s: float = _setting(300.0, "a worker that holds one batch longer than this is killed and restarted")
+    batch_timeout_s: float = _setting(
+        0.0,
+        "a worker that holds a batch longer than this is hung: it is killed and restarted, its batches retried "
+        "(0: 10x the batch's expected compute time as that worker measured it, at least 10 s)",
+    )
     # Security
     tls_cert: str = _setting("", "server certificate chain (PEM) to serve TLS")
     tls_key: str = _setting("", "the certificate's private key (PEM)")
@@ -84,8 +93,6 @@ class Settings:
     # Logging
     log_format: str = _setting("auto", "json, console, or auto (console on a terminal)", choices=LOG_FORMATS)
     log_level: str = _setting("info", "debug, info, warning or error", choices=("debug", "info", "warning", "error"))
-    # Testing only
-    faults: str = _setting("", "fault injection for tests, e.g. delay_ms=200,oom_above_tokens=512", env_only=True)
 
     def __post_init__(self) -> None:
         problems = list(self._problems())
@@ -123,8 +130,9 @@ class Settings:
             yield f"max_queue_pairs ({self.max_queue_pairs}) must hold one full request ({self.max_documents_per_request} documents)"
         if not 0 <= self.min_padding_efficiency <= 1:
             yield f"min_padding_efficiency must lie in [0, 1], got {self.min_padding_efficiency}"
-        if self.max_wait_ms < 0 or self.grace_period_s < 0 or self.batch_timeout_s <= 0:
-            yield "max_wait_ms and grace_period_s must be >= 0, batch_timeout_s > 0"
+        for name in ("max_wait_ms", "grace_period_s", "batch_timeout_s"):
+            if not getattr(self, name) >= 0:
+                yield f"{name} must be >= 0, got {getattr(self, name)}"
         if bool(self.tls_cert) != bool(self.tls_key):
             yield "tls_cert and tls_key go together"
         if self.tls_client_ca and not self.tls_cert:
@@ -135,11 +143,33 @@ class Settings:
         return bool(self.tls_cert)
 
     def accepted_tokens(self) -> tuple[str, ...]:
-        """Bearer tokens from the environment and the tokens file; empty turns auth off."""
+        """Bearer tokens from the environment and the tokens file; none turns auth off.
+
+        The file holds one token per line. Each line is stripped of surrounding
+        whitespace first; then blank lines and lines starting with `#` are
+        skipped. Raises OSError when the file cannot be read and ValueError when
+        it names no token or a line holds whitespace inside it (a file given
+        must turn auth on, never silently leave it off).
+        """
         tokens = list(self.auth_tokens)
         if self.auth_tokens_file:
+            found = []
             with open(self.auth_tokens_file, encoding="utf-8") as handle:
-                tokens += [line.strip() for line in handle if line.strip() and not line.startswith("#")]
+                for number, line in enumerate(handle, 1):
+                    token = line.strip()
+                    if not token or token.startswith("#"):
+                        continue
+                    if any(character.isspace() for character in token):
+                        raise ValueError(
+                            f"auth_tokens_file {self.auth_tokens_file}, line {number}: a token cannot hold whitespace"
+                        )
+                    found.append(token)
+            if not found:
+                raise ValueError(
+                    f"auth_tokens_file {self.auth_tokens_file} holds no token (only blank lines and # comments); "
+                    "refusing to start with authentication off"
+                )
+            tokens += found
         return tuple(tokens)
 
 
@@ -210,7 +240,7 @@ def parse_devices(device: str, cuda_count: int) -> list[str]:
 
 def summary(settings: Settings) -> dict[str, object]:
     """Settings for the start-up log line, without secrets."""
-    hidden = {"auth_tokens", "faults"}
+    hidden = {"auth_tokens"}
     return {
         spec.name: getattr(settings, spec.name) for spec in dataclasses.fields(Settings) if spec.name not in hidden
     } | {"auth": bool(settings.auth_tokens or settings.auth_tokens_file)}

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from service.batcher import Job
+    from service.work import Job
 
 
 class Tracing:
@@ -73,7 +73,7 @@ class Tracing:
         tokenized = perf_to_ns(arrived + tokenize_seconds)
         self._tracer.start_span("tokenize", context=parent, start_time=perf_to_ns(arrived)).end(end_time=tokenized)
         if job is not None:
-            span.set_attribute("reranker.documents", len(job.rows))
+            span.set_attribute("reranker.documents", len(job.pairs))
             span.set_attribute("reranker.tokens", job.tokens)
             queue = self._tracer.start_span("queue", context=parent, start_time=loop_to_ns(job.admitted_at))
             queue.end(end_time=loop_to_ns(job.started_at))

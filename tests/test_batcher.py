@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from array import array
 
 import pytest
 
-from service.batcher import BATCH, INTERACTIVE, Job, PendingQueue, _Pending
+from service.batcher import PendingQueue
+from service.work import BATCH, INTERACTIVE, Job, QueuedPair
+from workers.prompt import EncodedPair
 
 _seq = itertools.count()
 
@@ -17,26 +18,14 @@ def queue_of(
     lengths: list[int], priority: int = INTERACTIVE, queue: PendingQueue | None = None
 ) -> tuple[PendingQueue, Job]:
     queue = queue or PendingQueue()
-    job = Job(rows=[array("i", [1] * n) for n in lengths], priority=priority)
-    for index, length in enumerate(lengths):
-        item = _Pending(job, index, length, next(_seq), 0.0)
+    job = Job([EncodedPair(array("i", [1] * n), False) for n in lengths], priority=priority)
+    for index in range(len(lengths)):
+        item = QueuedPair(job, index, next(_seq), 0.0)
         job.items.append(item)
         queue.push(item)
     return queue, job
 
 
-def in_loop(test):
-    def wrapper(*args, **kwargs):
-        async def body():
-            return test(*args, **kwargs)
-
-        return asyncio.run(body())
-
-    wrapper.__name__ = test.__name__
-    return wrapper
-
-
-@in_loop
 def test_budget_counts_padding():
     queue, _ = queue_of([100, 100, 100, 400])
     batch, full = queue.plan(max_tokens=400, max_rows=64)
@@ -44,7 +33,6 @@ def test_budget_counts_padding():
     assert full  # the 400-token pair waits for the next batch; waiting longer would not help
 
 
-@in_loop
 def test_padding_efficiency_bound_keeps_lengths_apart():
     lengths = [30, 500, 35, 480, 40, 490, 32, 470]  # one request's short and long documents
     queue, _ = queue_of(lengths)
@@ -66,7 +54,6 @@ def test_padding_efficiency_bound_keeps_lengths_apart():
     assert len(batch) == len(lengths)
 
 
-@in_loop
 def test_row_limit_and_full_flag():
     queue, _ = queue_of([10] * 10)
     batch, full = queue.plan(max_tokens=10_000, max_rows=4)
@@ -76,7 +63,6 @@ def test_row_limit_and_full_flag():
     assert len(batch) == 3 and not full  # room left: worth waiting a little for more
 
 
-@in_loop
 def test_groups_similar_lengths_around_the_oldest():
     queue, _ = queue_of([50, 400, 52, 410, 49, 405, 51])
     batch, _ = queue.plan(max_tokens=100_000, max_rows=4)
@@ -84,7 +70,6 @@ def test_groups_similar_lengths_around_the_oldest():
     assert batch[0].length == 50  # the oldest anchors the batch
 
 
-@in_loop
 def test_oldest_goes_first_even_when_long():
     queue, _ = queue_of([900])
     queue_of([10] * 50, queue=queue)
@@ -92,14 +77,12 @@ def test_oldest_goes_first_even_when_long():
     assert [item.length for item in batch] == [900] and full  # no starvation of long pairs
 
 
-@in_loop
 def test_a_row_longer_than_the_budget_still_goes_alone():
     queue, _ = queue_of([5000, 10])
     batch, full = queue.plan(max_tokens=1000, max_rows=64)
     assert [item.length for item in batch] == [5000] and full
 
 
-@in_loop
 def test_interactive_before_batch():
     queue, _ = queue_of([10, 10], priority=BATCH)
     queue_of([300], priority=INTERACTIVE, queue=queue)
@@ -107,7 +90,6 @@ def test_interactive_before_batch():
     assert [item.job.priority for item in batch] == [INTERACTIVE]
 
 
-@in_loop
 def test_remove_and_counts():
     queue, job = queue_of([10, 20, 30])
     assert len(queue) == 3 and queue.tokens == 60
@@ -118,7 +100,6 @@ def test_remove_and_counts():
     assert sorted(item.length for item in batch) == [10, 30]
 
 
-@in_loop
 def test_first_puts_a_retried_pair_at_the_front():
     queue, job = queue_of([10, 20])
     retried = job.items[1]
@@ -132,19 +113,14 @@ def test_plans_always_respect_the_limits(seed):
     import random
 
     rng = random.Random(seed)
-
-    @in_loop
-    def check():
-        queue, _ = queue_of([rng.randint(1, 600) for _ in range(300)])
-        taken = 0
-        while len(queue):
-            batch, _ = queue.plan(max_tokens=2048, max_rows=16)
-            width = max(item.length for item in batch)
-            assert len(batch) <= 16
-            assert len(batch) == 1 or len(batch) * width <= 2048
-            for item in batch:
-                queue.remove(item)
-            taken += len(batch)
-        assert taken == 300 and queue.tokens == 0
-
-    check()
+    queue, _ = queue_of([rng.randint(1, 600) for _ in range(300)])
+    taken = 0
+    while len(queue):
+        batch, _ = queue.plan(max_tokens=2048, max_rows=16)
+        width = max(item.length for item in batch)
+        assert len(batch) <= 16
+        assert len(batch) == 1 or len(batch) * width <= 2048
+        for item in batch:
+            queue.remove(item)
+        taken += len(batch)
+    assert taken == 300 and queue.tokens == 0

@@ -15,10 +15,10 @@ import time
 import grpc
 import pytest
 
+from bench.server import start_server
 from reranker.v1 import reranker_pb2 as pb
 from service.client import AsyncRerankerClient, RerankerClient, RerankerError, rerank_request
 from tests.flaky import flaky_server
-from tests.serving import start_server
 from tests.texts import DOCUMENTS, QUERY
 
 DOCS = DOCUMENTS[:10]

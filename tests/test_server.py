@@ -13,10 +13,10 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from bench.server import start_server
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc
 from tests.reference import Recipe
-from tests.serving import start_server
 from tests.texts import DOCUMENTS, QUERY
 
 MAX_LENGTH = 512

@@ -10,11 +10,12 @@ from array import array
 
 import pytest
 
-from tests.test_scoring import encode, run
+from tests.pairs import encode, run
 from tests.texts import DOCUMENTS, QUERIES
 from workers import protocol
-from workers.process import Faults, WorkerSpec
+from workers.process import WorkerSpec
 from workers.process import run as worker_main
+from workers.prompt import EncodedPair
 from workers.scoring import load_scorer
 
 
@@ -53,20 +54,20 @@ def test_scores_batches_then_stops_cleanly(tiny_model):
 
         encoded = encode(tiny_model, [(QUERIES[0], d) for d in DOCUMENTS])
         expected = run(load_scorer(str(tiny_model), "cpu", "fp32"), encoded)
-        protocol.send(channel, protocol.ScoreBatch.from_rows(1, [pair.ids for pair in encoded[:10]]))
-        protocol.send(channel, protocol.ScoreBatch.from_rows(2, [pair.ids for pair in encoded[10:]]))
+        protocol.send(channel, protocol.ScoreBatch.from_pairs(1, encoded[:10]))
+        protocol.send(channel, protocol.ScoreBatch.from_pairs(2, encoded[10:]))
         first, second = protocol.receive(channel), protocol.receive(channel)
         assert (first.batch_id, second.batch_id) == (1, 2)
         assert list(first.logits) + list(second.logits) == pytest.approx(expected, abs=1e-5)
 
         # a batch that raises inside the worker is that batch's error only
-        protocol.send(channel, protocol.ScoreBatch.from_rows(3, [array("i", [1, 2, 10**7])]))
+        protocol.send(channel, protocol.ScoreBatch.from_pairs(3, [EncodedPair(array("i", [1, 2, 10**7]), False)]))
         failed = protocol.receive(channel)
         assert isinstance(failed, protocol.BatchFailed)
         assert failed.batch_id == 3 and failed.failure is protocol.Failure.INVALID
         assert "token ids must lie in" in failed.message
 
-        protocol.send(channel, protocol.ScoreBatch.from_rows(4, [encoded[0].ids]))
+        protocol.send(channel, protocol.ScoreBatch.from_pairs(4, encoded[:1]))
         again = protocol.receive(channel)
         assert again.batch_id == 4 and again.logits[0] == pytest.approx(expected[0], abs=1e-5)
 
@@ -100,22 +101,17 @@ def test_worker_exits_when_the_front_end_goes_away(tiny_model):
     assert process.exitcode == 0
 
 
-def test_faults_parse_and_refuse_unknown_names():
-    assert Faults.parse("delay_ms=200, oom_above_tokens=512") == Faults(200, 512)
-    assert Faults.parse("") == Faults()
-    with pytest.raises(ValueError, match="unknown fault 'crash'"):
-        Faults.parse("crash=1")
-
-
 def test_wire_format_round_trips():
-    batch = protocol.ScoreBatch.from_rows(9, [array("i", [1, 2, 3]), array("i", [4])], [2, 0])
+    batch = protocol.ScoreBatch.from_pairs(
+        9, [EncodedPair(array("i", [1, 2, 3]), False, 2), EncodedPair(array("i", [4]), False)]
+    )
     assert protocol.decode(batch.encode()) == batch
     assert list(protocol.decode(batch.encode()).shared) == [2, 0]
     scores = protocol.BatchScores(9, array("f", [0.5, -1.25]), 0.125, 4096)
     assert protocol.decode(scores.encode()) == scores
     failed = protocol.BatchFailed(9, protocol.Failure.OUT_OF_MEMORY, "no room ✓")
     assert protocol.decode(failed.encode()) == failed
-    ready = protocol.WorkerReady("cuda:0", "bf16", 123, 1.5, 8192)
+    ready = protocol.WorkerReady("cuda:0", "bf16", 123, 1.5, 8192, 2.5e-6)
     assert protocol.decode(ready.encode()) == ready
     assert isinstance(protocol.decode(protocol.Shutdown().encode()), protocol.Shutdown)
     with pytest.raises(ValueError, match="lengths sum to 4, but 3 ids"):

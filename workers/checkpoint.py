@@ -14,7 +14,8 @@ from tokenizers import Tokenizer
 
 
 class CheckpointNotFound(FileNotFoundError):
-    """The model is neither a usable local directory nor in the local cache."""
+    """The model is neither a usable local directory nor in the local cache, or
+    its config.json cannot be read."""
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,19 @@ def _read(model_id: str, path: pathlib.Path, revision: str) -> Checkpoint:
                 f"{path} has no {needed.name}: not a Hugging Face checkpoint of a Qwen3-Reranker "
                 "(it needs config.json, tokenizer.json and the weights)"
             )
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointNotFound(f"{config_file} is not readable JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise CheckpointNotFound(f"{config_file} holds a JSON {type(config).__name__}, not an object of settings")
+    positions = config.get("max_position_embeddings", 0)
+    if not isinstance(positions, int) or positions < 0:
+        raise CheckpointNotFound(f"{config_file}: max_position_embeddings must be a whole number, got {positions!r}")
     return Checkpoint(
         model_id=model_id,
         path=path.resolve(),
         revision=revision,
-        max_positions=int(config.get("max_position_embeddings", 0)) or 32768,
+        max_positions=positions or 32768,
         model_type=str(config.get("model_type", "")),
     )

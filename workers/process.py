@@ -17,30 +17,17 @@ import socket
 import sys
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
 
 from workers import protocol
+from workers.logs import configure_logging
 
-
-@dataclass(frozen=True)
-class Faults:
-    """Testing only (RERANKER_FAULTS="delay_ms=200,oom_above_tokens=512"):
-    make a worker slow, or make it run out of memory, on purpose."""
-
-    delay_ms: int = 0
-    oom_above_tokens: int = 0
-
-    @classmethod
-    def parse(cls, text: str) -> Faults:
-        values = {}
-        for item in filter(None, (part.strip() for part in text.split(","))):
-            name, _, value = item.partition("=")
-            if name not in cls.__dataclass_fields__:
-                raise ValueError(
-                    f"unknown fault {name!r} in RERANKER_FAULTS; known: {', '.join(cls.__dataclass_fields__)}"
-                )
-            values[name] = int(value)
-        return cls(**values)
+if TYPE_CHECKING:
+    from workers.scoring import Scorer
 
 
 @dataclass(frozen=True)
@@ -58,54 +45,50 @@ class WorkerSpec:
     log_format: str
     log_level: str
     parent_pid: int
-    faults: str = ""
 
 
-def run(sock: socket.socket, spec: WorkerSpec) -> None:
-    """The process's entry point: load, warm up, say ready, serve until told to stop."""
+def run(sock: socket.socket, spec: WorkerSpec, load: Callable[[WorkerSpec], Loaded] | None = None) -> None:
+    """The process's entry point: load (see `work`), warm up, say ready, serve until told to stop."""
     _die_with_parent(spec.parent_pid)
     # Ctrl-C reaches the whole process group; the front end decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from service.logs import configure_logging
-
     configure_logging(spec.log_format, spec.log_level)
-    import structlog
+    if work(sock, spec, load) == "device error":
+        # After an unexpected CUDA error the context may be poisoned: exit, and let the
+        # supervisor start a clean process rather than serve wrong answers.
+        sys.exit(3)
 
+
+def work(sock: socket.socket, spec: WorkerSpec, load: Callable[[WorkerSpec], Loaded] | None = None) -> str:
+    """A worker's life on its channel: load (with `load`, by default the
+    checkpoint of `spec`), say ready or why not, then serve. Returns why it stopped."""
     log = structlog.get_logger("worker").bind(worker_id=spec.worker_id, device=spec.device)
     try:
-        faults = Faults.parse(spec.faults)
-        scorer, budget, load_seconds = _load(spec, faults)
+        loaded = (load or load_checkpoint)(spec)
     except Exception as exc:  # anything: the front end must hear why, not see a silent exit
         log.exception("worker_load_failed")
         protocol.send(sock, protocol.WorkerLoadFailed(f"{type(exc).__name__}: {exc}"))
-        return
+        return "load failed"
+    scorer = loaded.scorer
     protocol.send(
         sock,
-        protocol.WorkerReady(spec.device, scorer.precision, scorer.memory_bytes, load_seconds, budget),
+        protocol.WorkerReady(
+            spec.device, scorer.precision, scorer.memory_bytes, loaded.seconds, loaded.budget, loaded.seconds_per_token
+        ),
     )
-    while True:
-        message = protocol.receive(sock)
-        if message is None or isinstance(message, protocol.Shutdown):
-            log.info("worker_stopping", reason="shutdown" if message else "front end closed the channel")
-            return
-        reply = _score(scorer, message, faults, log)
-        try:
-            protocol.send(sock, reply)
-        except (BrokenPipeError, ConnectionResetError):
-            log.info("worker_stopping", reason="front end closed the channel")
-            return
-        if (
-            isinstance(reply, protocol.BatchFailed)
-            and reply.failure is protocol.Failure.INTERNAL
-            and scorer.device.type == "cuda"
-        ):
-            # After an unexpected CUDA error the context may be poisoned: exit, and let the
-            # supervisor start a clean process rather than serve wrong answers.
-            log.error("worker_exiting_after_device_error", batch_id=reply.batch_id)
-            sys.exit(3)
+    return serve(sock, scorer, log)
 
 
-def _load(spec: WorkerSpec, faults: Faults):
+@dataclass(frozen=True)
+class Loaded:
+    scorer: Scorer
+    budget: int  # padded tokens per batch that fitted the warm-up; 0: the configured budget
+    seconds_per_token: float  # compute time per padded token in the warm-up
+    seconds: float  # loading and warming up
+
+
+def load_checkpoint(spec: WorkerSpec) -> Loaded:
+    """The scorer for `spec`, loaded and warmed up."""
     import torch
 
     from workers.scoring import load_scorer
@@ -115,20 +98,40 @@ def _load(spec: WorkerSpec, faults: Faults):
         torch.set_num_interop_threads(1)
     start = time.perf_counter()
     scorer = load_scorer(spec.model_path, spec.device, spec.precision, spec.attn_implementation)
-    scorer.oom_above_tokens = faults.oom_above_tokens
-    budget = scorer.warm_up(spec.max_length, spec.max_batch_tokens)
-    return scorer, budget, time.perf_counter() - start
+    budget, seconds_per_token = scorer.warm_up(spec.max_length, spec.max_batch_tokens)
+    return Loaded(scorer, budget, seconds_per_token, time.perf_counter() - start)
 
 
-def _score(scorer, batch: protocol.ScoreBatch, faults: Faults, log) -> protocol.BatchScores | protocol.BatchFailed:
+def serve(sock: socket.socket, scorer: Scorer, log: structlog.typing.FilteringBoundLogger) -> str:
+    """Answer every ScoreBatch on `sock`, in order, until told to stop; returns why it stopped."""
+    while True:
+        message = protocol.receive(sock)
+        if message is None or isinstance(message, protocol.Shutdown):
+            reason = "shutdown" if message else "front end closed the channel"
+            log.info("worker_stopping", reason=reason)
+            return reason
+        reply = score(scorer, message, log)
+        try:
+            protocol.send(sock, reply)
+        except (BrokenPipeError, ConnectionResetError):
+            log.info("worker_stopping", reason="front end closed the channel")
+            return "front end closed the channel"
+        if (
+            isinstance(reply, protocol.BatchFailed)
+            and reply.failure is protocol.Failure.INTERNAL
+            and scorer.device.type == "cuda"
+        ):
+            log.error("worker_exiting_after_device_error", batch_id=reply.batch_id)
+            return "device error"
+
+
+def score(scorer: Scorer, batch: protocol.ScoreBatch, log) -> protocol.BatchScores | protocol.BatchFailed:
+    """One batch's answer: its scores, or why it failed."""
     import torch
 
     start = time.perf_counter()
     try:
-        if faults.delay_ms:
-            time.sleep(faults.delay_ms / 1000)
-        ids = torch.frombuffer(batch.ids, dtype=torch.int32) if len(batch.ids) else torch.zeros(0, dtype=torch.int32)
-        logits, budget = scorer.score(batch.lengths, ids, batch.shared)
+        logits, budget = scorer.score(batch)
     except ValueError as exc:
         return _failed(log, batch, protocol.Failure.INVALID, exc)
     except torch.OutOfMemoryError as exc:

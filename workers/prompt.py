@@ -33,8 +33,14 @@ def format_body(instruction: str, query: str, document: str) -> str:
 
 
 class PromptTooLong(ValueError):
-    """The query and instruction leave no room for any document token, or a
-    document does not fit and truncation was refused."""
+    """The query and instruction leave no room for any document token
+    (`position` None), or the pair at `position` does not fit and truncation
+    was refused. `needed` is the pair's (or the head's) length in tokens."""
+
+    def __init__(self, message: str, needed: int, position: int | None = None) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.position = position
 
 
 @dataclass(frozen=True)
@@ -97,13 +103,16 @@ class PromptEncoder:
             add_special_tokens=False,
         )
         encoded = []
-        for position, ((query, _), body) in enumerate(zip(pairs, bodies)):
+        for position, ((query, _), body) in enumerate(zip(pairs, bodies, strict=True)):
             ids = body.ids
             truncated = len(ids) > self.body_budget
             if truncated and not truncate:
+                needed = len(ids) + self.fixed_tokens
                 raise PromptTooLong(
-                    f"document {position} needs {len(ids) + self.fixed_tokens} tokens, more than "
-                    f"max_length {self.max_length}, and truncation was refused (TRUNCATION_NONE)"
+                    f"document {position} needs {needed} tokens, more than max_length {self.max_length}, "
+                    "and truncation was refused",
+                    needed,
+                    position,
                 )
             full = array("i", self.prefix_ids)
             full.extend(ids[: self.body_budget] if truncated else ids)
@@ -123,9 +132,11 @@ class PromptEncoder:
         for query in queries:
             head = self._tokenizer.encode(format_body(instruction, query, "")[:-1], add_special_tokens=False).ids
             if len(head) >= self.body_budget:
+                needed = len(head) + self.fixed_tokens
                 raise PromptTooLong(
-                    f"the query and instruction take {len(head) + self.fixed_tokens} tokens with the "
-                    f"prompt, leaving no room for a document within max_length {self.max_length}"
+                    f"the query and instruction take {needed} tokens with the "
+                    f"prompt, leaving no room for a document within max_length {self.max_length}",
+                    needed,
                 )
             heads[query] = head
         return heads

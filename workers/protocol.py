@@ -16,11 +16,21 @@ import json
 import socket
 import struct
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Union
+from typing import Protocol
 
 FRAME_HEADER = struct.Struct("<I")
+
+
+class Row(Protocol):
+    """A pair as a worker receives it (workers.prompt.EncodedPair is one)."""
+
+    @property
+    def ids(self) -> array: ...  # array('i'): prefix + body + suffix token ids
+
+    @property
+    def shared(self) -> int: ...  # leading tokens it may share with rows that start the same
 
 
 class Kind(enum.IntEnum):
@@ -54,11 +64,14 @@ class ScoreBatch:
     _HEAD = struct.Struct("<BQI")
 
     @classmethod
-    def from_rows(cls, batch_id: int, rows: Sequence[array], shared: Sequence[int] = ()) -> ScoreBatch:
-        ids = array("i")
-        for row in rows:
-            ids.extend(row)
-        return cls(batch_id, array("i", [len(row) for row in rows]), array("i", shared or [0] * len(rows)), ids)
+    def from_pairs(cls, batch_id: int, pairs: Iterable[Row]) -> ScoreBatch:
+        """The one place where rows are laid out back to back for a worker."""
+        lengths, shared, ids = array("i"), array("i"), array("i")
+        for pair in pairs:
+            lengths.append(len(pair.ids))
+            shared.append(pair.shared)
+            ids.extend(pair.ids)
+        return cls(batch_id, lengths, shared, ids)
 
     def encode(self) -> bytes:
         head = self._HEAD.pack(Kind.SCORE, self.batch_id, len(self.lengths))
@@ -138,6 +151,9 @@ class WorkerReady:
     load_seconds: float
     # The padded-token budget that fitted during warm-up, when lower than the configured one.
     token_budget: int = 0
+    # Compute seconds per padded token in the warm-up: the first yardstick for
+    # telling a slow batch from a hung worker.
+    seconds_per_token: float = 0.0
 
     def encode(self) -> bytes:
         return bytes([Kind.READY]) + json.dumps(self.__dict__).encode()
@@ -159,7 +175,7 @@ class WorkerLoadFailed:
         return cls(frame[1:].decode(errors="replace"))
 
 
-Message = Union[ScoreBatch, Shutdown, BatchScores, BatchFailed, WorkerReady, WorkerLoadFailed]
+Message = ScoreBatch | Shutdown | BatchScores | BatchFailed | WorkerReady | WorkerLoadFailed
 
 _DECODERS = {
     Kind.SCORE: ScoreBatch.decode,

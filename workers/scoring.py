@@ -21,7 +21,8 @@ content, so sharing never depends on where the rows came from.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+import time
+from array import array
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,7 @@ from transformers import DynamicCache
 
 from workers.precision import resolve_precision
 from workers.prompt import answer_token_ids
+from workers.protocol import ScoreBatch
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Share prefixes only when that skips at least this fraction of a batch's tokens.
@@ -49,8 +51,6 @@ class Scorer:
     precision: str
     memory_bytes: int
     vocab_size: int
-    # Testing only: pretend to run out of memory above this many padded tokens.
-    oom_above_tokens: int = 0
     # The backbone's name for the key/value cache argument (`cache` from transformers 5.24).
     _cache_keyword: str = field(init=False)
 
@@ -59,26 +59,24 @@ class Scorer:
         self._cache_keyword = "cache" if "cache" in parameters else "past_key_values"
 
     @torch.inference_mode()
-    def score(
-        self, lengths: Sequence[int], ids: torch.Tensor, shared: Sequence[int] | None = None
-    ) -> tuple[torch.Tensor, int]:
-        """logit(yes) - logit(no) per row (float32, on the CPU).
+    def score(self, batch: ScoreBatch) -> tuple[torch.Tensor, int]:
+        """logit(yes) - logit(no) per row of `batch` (float32, on the CPU).
 
-        `ids` holds the rows back to back. `shared[i]` leading tokens of row i
-        may be computed once with every other row that starts with the same
-        tokens (0: none). If the device runs out of memory the rows are split
-        in halves and retried; the second value is then the largest
-        padded-token count that fitted (0 when no split was needed). Raises
-        torch.OutOfMemoryError only when a single row does not fit, and
-        ValueError for ids outside the vocabulary or a shared length that
-        leaves nothing of its row.
+        `batch.shared[i]` leading tokens of row i may be computed once with
+        every other row that starts with the same tokens (0: none). If the
+        device runs out of memory the rows are split in halves and retried;
+        the second value is then the largest padded-token count that fitted
+        (0 when no split was needed). Raises torch.OutOfMemoryError only when
+        a single row does not fit, and ValueError for ids outside the
+        vocabulary or a shared length that leaves nothing of its row.
         """
+        lengths, shared = list(batch.lengths), list(batch.shared)
+        ids = torch.frombuffer(batch.ids, dtype=torch.int32) if len(batch.ids) else torch.zeros(0, dtype=torch.int32)
         if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}); got {int(ids.min())}..{int(ids.max())}")
-        shared = list(shared) if shared is not None else [0] * len(lengths)
-        if len(shared) != len(lengths) or any(not 0 <= s < n for s, n in zip(shared, lengths)):
+        if any(not 0 <= s < n for s, n in zip(shared, lengths, strict=True)):
             raise ValueError("each row's shared length must lie in [0, its length)")
-        rows = [_Row(tokens, prefix) for tokens, prefix in zip(torch.split(ids.to(torch.long), list(lengths)), shared)]
+        rows = [_Row(tokens, prefix) for tokens, prefix in zip(torch.split(ids.long(), lengths), shared, strict=True)]
         logits, fitted, split = self._score_splitting(rows)
         return logits, fitted if split else 0
 
@@ -97,9 +95,6 @@ class Scorer:
         return torch.cat([first, second]), max(fitted_first, fitted_second), True
 
     def _forward(self, rows: list[_Row]) -> torch.Tensor:
-        longest = max(len(row.tokens) for row in rows)
-        if self.oom_above_tokens and len(rows) * longest > self.oom_above_tokens:
-            raise torch.OutOfMemoryError(f"injected: more than {self.oom_above_tokens} padded tokens")
         groups: dict[bytes, list[int]] = {}
         for index, row in enumerate(rows):
             if row.shared:
@@ -167,20 +162,25 @@ class Scorer:
         yes_no = self.norm(last).float() @ self.head.T
         return (yes_no[:, 0] - yes_no[:, 1]).cpu()
 
-    def warm_up(self, max_length: int, max_batch_tokens: int) -> int:
+    def warm_up(self, max_length: int, max_batch_tokens: int) -> tuple[int, float]:
         """Run a small batch, and on CUDA a full-budget one, so that the first
         request pays no start-up cost and a budget that cannot fit shows now.
-        Returns the padded-token budget that fits (0: the configured one).
-        Both batches run the shared-prefix path too: it holds every layer's
-        keys and values at once, the most memory a batch can take."""
-        self.score([16, 16, 16], torch.zeros(48, dtype=torch.int32), [8, 8, 0])
+        Returns the padded-token budget that fits (0: the configured one) and
+        the seconds per padded token the last warm-up batch took. Both batches
+        run the shared-prefix path too: it holds every layer's keys and values
+        at once, the most memory a batch can take."""
+        batch = _zeros([16, 16, 16], [8, 8, 0])
+        start = time.perf_counter()
+        self.score(batch)
+        seconds_per_token = (time.perf_counter() - start) / 48
         if self.device.type != "cuda":
-            return 0
+            return 0, seconds_per_token
         width = max(2, min(max_length, max_batch_tokens // 2))
         rows = max_batch_tokens // width
-        _, fitted = self.score([width] * rows, torch.zeros(width * rows, dtype=torch.int32), [width // 2] * rows)
+        start = time.perf_counter()
+        _, fitted = self.score(_zeros([width] * rows, [width // 2] * rows))
         torch.cuda.synchronize(self.device)
-        return fitted
+        return fitted, (time.perf_counter() - start) / (fitted or rows * width)
 
 
 @dataclass
@@ -191,6 +191,11 @@ class _Row:
     @property
     def key(self) -> bytes:
         return self.tokens[: self.shared].numpy().tobytes()
+
+
+def _zeros(lengths: list[int], shared: list[int]) -> ScoreBatch:
+    """A batch of rows of token 0, for warming up."""
+    return ScoreBatch(0, array("i", lengths), array("i", shared), array("i", bytes(4 * sum(lengths))))
 
 
 def _pad_right(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,6 +1,9 @@
 """One logging set-up for the front end and the workers: structlog, JSON when the
 output is not a terminal, readable when it is; stdlib loggers (grpc, transformers)
-go through the same chain. Logs carry ids, counts and times, never request text."""
+go through the same chain. Logs carry ids, counts and times, never request text.
+
+It lives on the model side because `workers` never imports `service`; the front
+end imports it from here."""
 
 from __future__ import annotations
 

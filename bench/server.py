@@ -1,6 +1,7 @@
-"""Starting the real server for integration tests: a subprocess on a loopback
-port with real worker processes, reached through the generated stubs. Its log
-is kept and printed when a test fails."""
+"""Starting the real server as a subprocess on a loopback port, with real
+worker processes, for integration tests and benchmarks: its JSON log is read
+as it arrives (the port it bound, its events), its metrics and health can be
+asked, and it is stopped the way an orchestrator stops it (SIGTERM)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from reranker.v1 import reranker_pb2_grpc
@@ -160,26 +160,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model, *args: str, env: dict | None = None, wait: bool = True) -> Server:
-    command = [
-        sys.executable,
-        "-m",
-        "service",
-        "serve",
-        "--model",
-        str(model),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--metrics-port",
-        str(free_port()),
-        "--device",
-        "cpu",
-        "--log-format",
-        "json",
-        *args,
-    ]
+def start_server(
+    model, *args: str, env: dict | None = None, wait: bool = True, entry: tuple[str, ...] = ("service", "serve")
+) -> Server:
+    """`python -m service serve --model MODEL ... ARGS` on 127.0.0.1 (a free port),
+    CPU workers, JSON logs; returns once it listens and, with `wait`, once it
+    is SERVING. `entry` names another module to run (with its arguments) in
+    place of `service serve`, for servers with other workers."""
+    command = [sys.executable, "-m", *entry, "--model", str(model), "--host", "127.0.0.1", "--port", "0"]
+    command += ["--metrics-port", str(free_port()), "--device", "cpu", "--log-format", "json", *args]
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(
         command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -193,50 +182,14 @@ def start_server(model, *args: str, env: dict | None = None, wait: bool = True) 
                 record = json.loads(line)
             except ValueError:
                 continue
-            if record.get("event") == "serving":
+            if record.get("event") == "listening":
                 server.port = record["port"]
             if record.get("event") == "metrics_listening":
                 server.metrics_port = record["port"]
             server.lines.append(record)
 
     threading.Thread(target=pump, daemon=True).start()
-    server.wait_for_event("serving")
+    server.wait_for_event("listening")
     if wait:
         server.wait_serving()
     return server
-
-
-@pytest.fixture
-def server_factory(request):
-    """Start servers with any flags; each is stopped (SIGTERM, exit 0 expected) after the test."""
-    started: list[Server] = []
-
-    def factory(model, *args: str, **kwargs) -> Server:
-        server = start_server(model, *args, **kwargs)
-        started.append(server)
-        return server
-
-    yield factory
-    failed = request.node.rep_call.failed if hasattr(request.node, "rep_call") else False
-    for server in started:
-        try:
-            server.stop()
-        finally:
-            if failed or server.process.returncode != 0:
-                print(f"\n----- server log (exit {server.process.returncode}) -----\n{server.log_text()}")
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model):
-    """One shared server: two CPU worker processes, the tiny model."""
-    srv = start_server(tiny_model, "--workers-per-device", "2", "--cpu-threads", "1")
-    yield srv
-    code = srv.stop()
-    assert code == 0, srv.log_text()
-
-
-@pytest.hookimpl(hookwrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    setattr(item, "rep_" + report.when, report)

@@ -1,0 +1,123 @@
+"""A call and its answer as the core sees them, whatever transport carried them.
+
+Each transport turns its messages into a RerankCall or a ScoreCall and its
+answer back from an Answer; nothing here knows gRPC or HTTP.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from service.work import INTERACTIVE
+
+
+class Truncation(enum.Enum):
+    END = "end"  # cut the document's end, as the model card does
+    NONE = "none"  # refuse a pair that does not fit
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    instruction: str = ""  # empty: the model's default
+    request_id: str = ""
+    priority: int = INTERACTIVE
+    truncation: Truncation = Truncation.END
+    timeout: float | None = None  # seconds from arrival; None: no limit of its own
+
+
+@dataclass(frozen=True)
+class RerankCall:
+    """Rank `documents` for `query`. `documents` may be a lazy sequence (a
+    message's repeated field): the core checks its length before reading it."""
+
+    query: str
+    documents: Sequence[str]
+    top_n: int = 0  # 0: all
+    return_documents: bool = False
+    options: CallOptions = field(default_factory=CallOptions)
+
+
+@dataclass(frozen=True)
+class ScoreCall:
+    """Score explicit (query, document) pairs, in input order."""
+
+    pairs: Sequence[tuple[str, str]]
+    options: CallOptions = field(default_factory=CallOptions)
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    index: int  # the document's (or pair's) position in the call
+    logit: float  # logit("yes") - logit("no") at the last token
+    truncated: bool
+    tokens: int  # the pair as the model reads it, prompt included
+    document: str | None = None  # only when the call asked for documents back
+
+    @property
+    def score(self) -> float:
+        return sigmoid(self.logit)
+
+
+@dataclass(frozen=True)
+class Usage:
+    documents: int
+    # Tokens of every pair as the model reads it, summed over the call's
+    # documents: a duplicate counts though it is computed once.
+    tokens: int
+    truncated_documents: int
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds. `compute` is summed over batches, which may run at once on
+    several workers, so it can exceed `total`."""
+
+    tokenize: float
+    queue: float
+    compute: float
+    total: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    request_id: str
+    results: list[Scored]  # best first for a rerank (at most top_n), input order for a score call
+    usage: Usage
+    timing: Timing
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_length: int
+    max_documents_per_request: int
+    max_query_chars: int
+    max_document_chars: int
+    max_message_bytes: int
+    max_batch_tokens: int
+    max_batch_size: int
+    max_wait_ms: float
+    max_queue_pairs: int
+    max_queue_tokens: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str  # as the server was started with it
+    revision: str  # the Hugging Face cache's commit hash; "" for a directory
+    precision: str  # fp32, fp16, bf16, int8 or nf4
+    devices: list[str]
+    default_instruction: str
+    server_version: str
+    model_memory_bytes: int
+    limits: Limits
+
+
+def sigmoid(x: float) -> float:
+    """The recipe's softmax over (no, yes), without overflow for large |x|."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)

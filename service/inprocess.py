@@ -1,0 +1,64 @@
+"""Workers as threads of this process: the same worker loop, channel and pool
+as in production, without spawning processes. For tests and benchmarks, where
+a worker that loads in a second (or misbehaves on purpose) is what is wanted.
+
+Loading a model imports torch, so a server that must stay torch-free never
+uses this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Callable
+
+from workers import process
+from workers.process import Loaded, WorkerSpec
+
+
+class ThreadLauncher:
+    """Starts each worker as a thread that runs `workers.process.work` with `load`
+    (by default the spec's checkpoint). A `load` that wraps the scorer gives a
+    worker that is slow, fails, hangs or dies, for fault tests."""
+
+    def __init__(self, load: Callable[[WorkerSpec], Loaded] | None = None) -> None:
+        self._load = load
+
+    def launch(self, spec: WorkerSpec) -> _ThreadHandle:
+        ours, theirs = socket.socketpair()
+        handle = _ThreadHandle(ours)
+        handle.thread = threading.Thread(
+            target=handle.run, args=(theirs, spec, self._load), name=f"worker-{spec.worker_id}", daemon=True
+        )
+        handle.thread.start()
+        return handle
+
+
+class _ThreadHandle:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.thread: threading.Thread | None = None
+        self.outcome: str | None = None
+
+    def run(self, theirs: socket.socket, spec: WorkerSpec, load: Callable[[WorkerSpec], Loaded] | None) -> None:
+        try:
+            self.outcome = f"stopped: {process.work(theirs, spec, load)}"
+        except BaseException as exc:  # the thread's "process" died: say how, as an exit code would
+            self.outcome = f"died: {type(exc).__name__}: {exc}"
+        finally:
+            theirs.close()
+
+    def kill(self) -> None:
+        """A thread cannot be killed: cut its channel. The front end sees the end
+        at once; the thread ends when it next touches the channel."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed
+
+    async def ended(self, timeout: float) -> str | None:
+        await asyncio.to_thread(self.thread.join, timeout)
+        if self.thread.is_alive():
+            return None
+        return self.outcome
