@@ -3,6 +3,7 @@ proto keeps the conventions of well-kept APIs."""
 
 from __future__ import annotations
 
+import itertools
 import pathlib
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def test_package_and_rpcs():
 def test_every_field_is_documented():
     lines = (ROOT / "proto" / "reranker" / "v1" / "reranker.proto").read_text().splitlines()
     undocumented = []
-    for before, line in zip(lines, lines[1:]):
+    for before, line in itertools.pairwise(lines):
         words = line.split()
         is_field = (
             line.rstrip().endswith(";")
