@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 def _client_command(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
-    from service.client import RerankerClient, RerankerError
+    from reranker_client import RerankerClient, RerankerError
 
     options = {"timeout": args.timeout, "token": args.token, "tls": args.tls or bool(args.ca)}
     if args.ca:
@@ -95,7 +95,7 @@ def _client_command(args: argparse.Namespace) -> int:
             if args.command == "rerank":
                 response = client.rerank(args.query, args.doc, instruction=args.instruction, top_n=args.top_n)
                 if args.json:
-                    print(json.dumps(MessageToDict(response), ensure_ascii=False, indent=2))
+                    print(json.dumps(MessageToDict(response.raw), ensure_ascii=False, indent=2))
                 else:
                     for rank, result in enumerate(response.results, 1):
                         flag = " (truncated)" if result.truncated else ""
@@ -106,7 +106,7 @@ def _client_command(args: argparse.Namespace) -> int:
                 result = client.score([(args.query, args.doc)], instruction=args.instruction).results[0]
                 print(f"score={result.score:.6f} logit={result.logit:+.6f}")
             elif args.command == "info":
-                print(json.dumps(MessageToDict(client.model_info()), indent=2))
+                print(json.dumps(MessageToDict(client.model_info().raw), indent=2))
             elif args.command == "batch":
                 return _batch(client, args)
     except RerankerError as error:
@@ -121,7 +121,7 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from service.client import ChannelOptions
+    from reranker_client import ChannelOptions
 
     root_certificates = open(args.ca, "rb").read() if args.ca else None
     options = ChannelOptions(
@@ -148,7 +148,7 @@ def _batch(client, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from reranker.v1 import reranker_pb2 as pb
-    from service.client import rerank_request
+    from reranker_client import rerank_request
 
     source = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
     lines = [line for line in source if line.strip()]
@@ -177,7 +177,8 @@ def _batch(client, args: argparse.Namespace) -> int:
         client.rerank_many(iter(requests), timeout=max(args.timeout, 1.0) * max(1, len(requests))) if requests else []
     )
     with tqdm(total=len(lines), disable=args.no_progress, file=sys.stderr, unit="req") as progress:
-        for response in itertools.chain(unreadable, answers):
+        # The typed answers' messages: a failed request's has its `error` set.
+        for response in itertools.chain(unreadable, (answer.raw for answer in answers)):
             failures += response.HasField("error")
             sink.write(json.dumps(MessageToDict(response), ensure_ascii=False) + "\n")
             progress.update(1)

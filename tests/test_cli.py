@@ -18,7 +18,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from service.client import RerankerClient
+from reranker_client import RerankerClient
 from tests.serving import free_port, start_server
 from tests.test_compose import COMPOSE, dockerfile_instructions
 from tests.texts import DOCUMENTS, QUERY
