@@ -12,10 +12,47 @@ import sys
 
 from service.settings import add_arguments, build_settings
 
+_GIVEN = "_flags_given"  # where _StoreOnce notes the flags seen; removed after parsing
+
+
+class _StoreOnce(argparse._StoreAction):
+    """The plain `store` action, refusing a flag given twice: `--query a --query b`
+    would otherwise keep "b" without a word. (Flags meant to repeat, such as
+    --doc, use `append`.)"""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.option_strings:
+            given = namespace.__dict__.setdefault(_GIVEN, set())
+            if self.dest in given:
+                raise argparse.ArgumentError(self, "may be given only once")
+            given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _Parser(argparse.ArgumentParser):
+    """The command's parsers: single-value flags refuse repeats."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
+
+
+class _Subcommand(_Parser):
+    """A subcommand reports its own mistakes, with its own usage (`usage: reranker
+    score ...`): argparse would hand the flags it does not know up to the top-level
+    parser, whose usage says nothing about them."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error("unrecognized arguments: " + " ".join(extras))
+        return namespace, extras
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="reranker", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="reranker", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Subcommand)
 
     serve = commands.add_parser("serve", help="run the gRPC service")
     add_arguments(serve)
@@ -36,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     rerank.add_argument("--top-n", type=int, default=0)
     rerank.add_argument("--json", action="store_true", help="print the response as JSON")
 
-    score = client_command("score", help="score one (query, document) pair")
+    score = client_command("score", help="score (query, document) pairs: one line per --doc, in order")
     score.add_argument("--query", required=True)
-    score.add_argument("--doc", required=True)
+    score.add_argument("--doc", action="append", required=True, help="a document; repeat to score several")
     score.add_argument("--instruction", default="")
 
     client_command("info", help="print the model and the server's limits")
@@ -64,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("directory")
 
     args = parser.parse_args(argv)
+    vars(args).pop(_GIVEN, None)
     if args.command == "serve":
         from service.server import run
 
@@ -103,8 +141,9 @@ def _client_command(args: argparse.Namespace) -> int:
                             f"{rank:>3}. score={result.score:.4f} logit={result.logit:+.4f}  [{result.index}] {args.doc[result.index][:80]!r}{flag}"
                         )
             elif args.command == "score":
-                result = client.score([(args.query, args.doc)], instruction=args.instruction).results[0]
-                print(f"score={result.score:.6f} logit={result.logit:+.6f}")
+                scores = client.score([(args.query, doc) for doc in args.doc], instruction=args.instruction)
+                for result in scores.results:  # in input order: one line per --doc
+                    print(f"score={result.score:.6f} logit={result.logit:+.6f}")
             elif args.command == "info":
                 print(json.dumps(MessageToDict(client.model_info().raw), indent=2))
             elif args.command == "batch":

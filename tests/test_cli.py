@@ -1,8 +1,9 @@
 """The `reranker` command's client side, run as a subprocess (the installed
 console script) against a live server: `batch` (JSON lines in, one JSON line
 per answer out, a bad line answered with an error field), `rerank --json`, and
-`health` (exit 0 only when SERVING), also as the Dockerfile and the compose
-file run it."""
+`score`, and `health` (exit 0 only when SERVING), also as the Dockerfile and
+the compose file run it. And its usage errors: a flag given twice, an unknown
+flag after a subcommand."""
 
 from __future__ import annotations
 
@@ -185,3 +186,59 @@ def test_the_container_health_checks_run_this_command(server):
     assert server.address in argv
     done = subprocess.run(argv, env=path, capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout.strip()) == (0, "SERVING"), done.stderr
+
+
+# -- regressions: what a newcomer ran into ------------------------------------------------------
+
+
+def test_score_scores_every_doc_in_order(server, client):
+    """`--doc` repeated used to keep the last one only; now each is scored, one line per pair."""
+    documents = DOCUMENTS[:3]
+    done = reranker("score", "--target", server.address, "--query", QUERY, *[f"--doc={d}" for d in documents])
+    assert done.returncode == 0, done.stderr
+    expected = client.score([(QUERY, document) for document in documents])
+    assert done.stdout.splitlines() == [
+        f"score={result.score:.6f} logit={result.logit:+.6f}" for result in expected.results
+    ]
+    one = reranker("score", "--target", server.address, "--query", QUERY, "--doc", documents[1])
+    assert (one.returncode, one.stdout.splitlines()) == (0, done.stdout.splitlines()[1:2])
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["score", "--query", "a", "--query", "b", "--doc", "x"], "--query"),
+        (["rerank", "--query", "q", "--doc", "x", "--top-n", "1", "--top-n", "2"], "--top-n"),
+        (["rerank", "--query", "q", "--doc", "x", "--instruction", "i", "--instruction", "j"], "--instruction"),
+        (["info", "--target", "a:1", "--target", "b:2"], "--target"),
+        (["batch", "in.jsonl", "--output", "a", "--output", "b"], "--output"),
+        (["health", "--service", "a", "--service", "b"], "--service"),
+        (["health", "--timeout", "1", "--timeout", "2"], "--timeout"),
+        (["serve", "--port", "1", "--port", "2"], "--port"),
+    ],
+)
+def test_a_single_value_flag_given_twice_is_refused(argv, flag):
+    done = reranker(*argv)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"usage: reranker {argv[0]} "), done.stderr
+    assert f"reranker {argv[0]}: error: argument {flag}: may be given only once" in done.stderr
+    assert not done.stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["score", "--query", "q", "--doc", "a", "--bogus"],
+        ["rerank", "--query", "q", "--doc", "a", "--bogus"],
+        ["batch", "--bogus"],
+        ["info", "--bogus"],
+        ["health", "--bogus"],
+        ["serve", "--bogus"],
+    ],
+)
+def test_an_unknown_flag_after_a_subcommand_shows_that_subcommands_usage(argv):
+    command = argv[0]
+    done = reranker(*argv)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"usage: reranker {command} "), done.stderr
+    assert done.stderr.rstrip().endswith(f"reranker {command}: error: unrecognized arguments: --bogus")
