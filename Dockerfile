@@ -29,10 +29,16 @@ RUN if [ -n "$TORCH_INDEX_URL" ]; then \
         pip install "$TORCH"; \
     fi
 
-# Then the service, with bitsandbytes for int8 / nf4 weights (`quant`) and OpenTelemetry (`tracing`).
 WORKDIR /app
+# Then the client package (the generated stubs and reranker_client; grpcio and
+# protobuf only): the service depends on it by name, so it goes in first.
+COPY clients/python ./clients/python
+# (A local path: clients/python/pyproject.toml bounds the versions.)
+# hadolint ignore=DL3013
+RUN pip install ./clients/python
+
+# Then the service, with bitsandbytes for int8 / nf4 weights (`quant`) and OpenTelemetry (`tracing`).
 COPY pyproject.toml README.md* ./
-COPY reranker ./reranker
 COPY service ./service
 COPY workers ./workers
 # (A local path: pyproject.toml bounds the versions.)

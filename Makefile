@@ -16,10 +16,13 @@ DEMO_MODEL := models/demo
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The client package (clients/python: the stubs and reranker_client) first: the server
+# depends on it by name, and it is not fetched from an index.
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ./clients/python
 	$(BIN)/python -m pip install -q -e ".[test,quant,demo]"
 	touch $@
 
@@ -41,6 +44,7 @@ serve: install
 	@test -n "$(MODEL)" || { echo "usage: make serve MODEL=<directory or hub id>"; exit 2; }
 	$(BIN)/reranker serve --model $(MODEL) --port $(PORT)
 
+# Rewrites clients/python/reranker/v1/*_pb2*.py from proto/.
 proto: install
 	$(BIN)/python scripts/generate_stubs.py
 
@@ -60,4 +64,4 @@ gpu-check:
 	bash bench/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) models *.egg-info
+	rm -rf $(VENV) models *.egg-info clients/python/*.egg-info

@@ -29,9 +29,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if [ -d "$WHEELS" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=/tmp/site:$PWD:$PWD/clients/python  # clients/python: the generated stubs (reranker.v1)
 else
-  export PYTHONPATH=$PWD
+  export PYTHONPATH=$PWD:$PWD/clients/python
 fi
 if [ -d .gpu/tokenizer ]; then
   export RERANKER_TEST_TOKENIZER_DIR=$PWD/.gpu/tokenizer

@@ -1,10 +1,12 @@
 """Generate the Python gRPC stubs from proto/ with grpcio-tools.
 
-The stubs are committed so that a plain `pip install` needs no code generation;
+The stubs live in the client package (clients/python: the `reranker` import
+package, next to `reranker_client`), which the server depends on too; they are
+committed so that a plain `pip install` needs no code generation.
 `tests/test_proto.py` regenerates them into a scratch folder and fails when the
 committed copies drift from the proto.
 
-    python scripts/generate_stubs.py            # rewrite reranker/v1/*_pb2*.py
+    python scripts/generate_stubs.py            # rewrite clients/python/reranker/v1/*_pb2*.py
     python scripts/generate_stubs.py --out DIR  # write them under DIR instead
 """
 
@@ -18,6 +20,7 @@ from grpc_tools import protoc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
+CLIENT = ROOT / "clients" / "python"
 PROTOS = ["reranker/v1/reranker.proto"]
 PACKAGES = ["reranker", "reranker/v1"]
 
@@ -40,11 +43,15 @@ def generate(out: pathlib.Path) -> None:
         marker = out / package / "__init__.py"
         if not marker.exists():
             marker.write_text('"""Generated from proto/ by scripts/generate_stubs.py; do not edit."""\n')
+    # PEP 561: type checkers read the .pyi stubs (for the `raw` messages of reranker_client's results).
+    (out / PACKAGES[0] / "py.typed").write_text("")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=pathlib.Path, default=ROOT, help="folder to write into (default: the repository)")
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=CLIENT, help="folder to write into (default: clients/python)"
+    )
     generate(parser.parse_args(argv).out)
 
 

@@ -6,16 +6,53 @@ model for trying things."""
 from __future__ import annotations
 
 import argparse
-import itertools
+import contextlib
 import json
 import sys
 
 from service.settings import add_arguments, build_settings
 
+_GIVEN = "_flags_given"  # where _StoreOnce notes the flags seen; removed after parsing
+
+
+class _StoreOnce(argparse._StoreAction):
+    """The plain `store` action, refusing a flag given twice: `--query a --query b`
+    would otherwise keep "b" without a word. (Flags meant to repeat, such as
+    --doc, use `append`.)"""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.option_strings:
+            given = namespace.__dict__.setdefault(_GIVEN, set())
+            if self.dest in given:
+                raise argparse.ArgumentError(self, "may be given only once")
+            given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _Parser(argparse.ArgumentParser):
+    """The command's parsers: single-value flags refuse repeats."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
+
+
+class _Subcommand(_Parser):
+    """A subcommand reports its own mistakes, with its own usage (`usage: reranker
+    score ...`): argparse would hand the flags it does not know up to the top-level
+    parser, whose usage says nothing about them."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error("unrecognized arguments: " + " ".join(extras))
+        return namespace, extras
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="reranker", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="reranker", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Subcommand)
 
     serve = commands.add_parser("serve", help="run the gRPC service")
     add_arguments(serve)
@@ -36,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     rerank.add_argument("--top-n", type=int, default=0)
     rerank.add_argument("--json", action="store_true", help="print the response as JSON")
 
-    score = client_command("score", help="score one (query, document) pair")
+    score = client_command("score", help="score (query, document) pairs: one line per --doc, in order")
     score.add_argument("--query", required=True)
-    score.add_argument("--doc", required=True)
+    score.add_argument("--doc", action="append", required=True, help="a document; repeat to score several")
     score.add_argument("--instruction", default="")
 
     client_command("info", help="print the model and the server's limits")
@@ -64,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("directory")
 
     args = parser.parse_args(argv)
+    vars(args).pop(_GIVEN, None)
     if args.command == "serve":
         from service.server import run
 
@@ -83,36 +121,87 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _client_command(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
-    from service.client import RerankerClient, RerankerError
+    from reranker_client import RerankerClient, RerankerError
 
     options = {"timeout": args.timeout, "token": args.token, "tls": args.tls or bool(args.ca)}
-    if args.ca:
-        options["root_certificates"] = open(args.ca, "rb").read()
+    try:
+        if args.ca:
+            options["root_certificates"] = _read_bytes(args.ca)
+        if args.command == "batch":
+            lines = _read_lines(args.input)
+    except _CannotRead as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
         with RerankerClient(args.target, **options) as client:
             if args.command == "rerank":
-                response = client.rerank(args.query, args.doc, instruction=args.instruction, top_n=args.top_n)
+                ranking = client.rerank(args.query, args.doc, instruction=args.instruction, top_n=args.top_n)
                 if args.json:
-                    print(json.dumps(MessageToDict(response), ensure_ascii=False, indent=2))
+                    print(json.dumps(_message_json(ranking.raw), ensure_ascii=False, indent=2))
                 else:
-                    for rank, result in enumerate(response.results, 1):
+                    for rank, result in enumerate(ranking.results, 1):
                         flag = " (truncated)" if result.truncated else ""
-                        print(
-                            f"{rank:>3}. score={result.score:.4f} logit={result.logit:+.4f}  [{result.index}] {args.doc[result.index][:80]!r}{flag}"
-                        )
+                        values = f"score={result.score:.4f} logit={result.logit:+.4f}"
+                        print(f"{rank:>3}. {values}  [{result.index}] {args.doc[result.index][:80]!r}{flag}")
             elif args.command == "score":
-                result = client.score([(args.query, args.doc)], instruction=args.instruction).results[0]
-                print(f"score={result.score:.6f} logit={result.logit:+.6f}")
+                scores = client.score([(args.query, doc) for doc in args.doc], instruction=args.instruction)
+                for result in scores.results:  # in input order: one line per --doc
+                    print(f"score={result.score:.6f} logit={result.logit:+.6f}")
             elif args.command == "info":
-                print(json.dumps(MessageToDict(client.model_info()), indent=2))
+                print(json.dumps(_message_json(client.model_info().raw), ensure_ascii=False, indent=2))
             elif args.command == "batch":
-                return _batch(client, args)
+                return _batch(client, args, lines)
     except RerankerError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error.code.name}: {error.message or _meaning(error.code)}", file=sys.stderr)
         return 1
     return 0
+
+
+class _CannotRead(Exception):
+    pass
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise _CannotRead(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def _read_lines(path: str) -> list[str]:
+    """Every line of `path` (- for stdin), blank ones included: error messages name
+    the file's real line numbers. (Split at newlines only, as JSON lines are: not
+    str.splitlines(), which also splits at U+2028 and other characters JSON strings
+    may hold.)"""
+    if path == "-":
+        return list(sys.stdin)
+    try:
+        with open(path, encoding="utf-8") as file:
+            return list(file)
+    except OSError as error:
+        raise _CannotRead(f"cannot read {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise _CannotRead(f"cannot read {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def _meaning(code) -> str:
+    """Words for a status that came without a message of its own."""
+    import grpc
+
+    return {
+        grpc.StatusCode.UNIMPLEMENTED: "the server does not offer this call",
+        grpc.StatusCode.UNAUTHENTICATED: "the server wants a bearer token (--token)",
+    }.get(code, "the server gave no details")
+
+
+def _message_json(message) -> dict:
+    """A message as protobuf's JSON mapping, with every field (index 0, zeros, empty
+    lists included) under its JSON name, and 64-bit counts as numbers rather than
+    strings where a JSON number holds them exactly."""
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(message, always_print_fields_with_no_presence=True, unquote_int64_if_possible=True)
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -121,9 +210,13 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from service.client import ChannelOptions
+    from reranker_client import ChannelOptions
 
-    root_certificates = open(args.ca, "rb").read() if args.ca else None
+    try:
+        root_certificates = _read_bytes(args.ca) if args.ca else None
+    except _CannotRead as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     options = ChannelOptions(
         args.target, max_attempts=1, tls=args.tls or bool(args.ca), root_certificates=root_certificates
     )
@@ -133,57 +226,96 @@ def _health(args: argparse.Namespace) -> int:
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
         except grpc.RpcError as error:
-            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+            code = error.code()
+            if error.details():
+                message = error.details()
+            elif code == grpc.StatusCode.NOT_FOUND:  # the health service says nothing more
+                message = f'the server knows no service "{args.service}"'
+            elif code == grpc.StatusCode.UNIMPLEMENTED:
+                message = "the server has no gRPC health service"
+            else:
+                message = _meaning(code)
+            print(f"error: {code.name}: {message}", file=sys.stderr)
             return 1
     print(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-def _batch(client, args: argparse.Namespace) -> int:
+def _batch_request(record, number: int):
+    """A RerankRequest from one parsed line, or ValueError with a message for people."""
+    from reranker_client import rerank_request
+
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object ({query, documents, ...})")
+    for name in ("query", "documents"):
+        if name not in record:
+            raise ValueError(f'missing field "{name}"')
+    query, documents = record["query"], record["documents"]
+    if not isinstance(query, str):
+        raise ValueError('"query" must be a string')
+    if not isinstance(documents, list) or not all(isinstance(document, str) for document in documents):
+        raise ValueError('"documents" must be a list of strings')
+    instruction = record.get("instruction", "")
+    if not isinstance(instruction, str):
+        raise ValueError('"instruction" must be a string')
+    top_n = record.get("top_n", 0)
+    if isinstance(top_n, bool) or not isinstance(top_n, int):
+        raise ValueError('"top_n" must be an integer')
+    return rerank_request(
+        query, documents, instruction=instruction, top_n=top_n, request_id=str(record.get("id", number))
+    )
+
+
+def _batch(client, args: argparse.Namespace, lines: list[str]) -> int:
     """Send every line over one RerankMany stream; write one JSON line per answer.
     A line that is not a request ({query, documents, ...}) is answered with an
-    error of its own without being sent."""
+    error of its own without being sent. Blank lines are skipped; line numbers
+    are the file's."""
     import grpc
-    from google.protobuf.json_format import MessageToDict
     from tqdm import tqdm
 
     from reranker.v1 import reranker_pb2 as pb
-    from service.client import rerank_request
+    from reranker_client import RequestFailed
 
-    source = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
-    lines = [line for line in source if line.strip()]
     requests, unreadable = [], []
     for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            record = json.loads(line)
-            requests.append(
-                rerank_request(
-                    record["query"],
-                    record["documents"],
-                    instruction=record.get("instruction", ""),
-                    top_n=int(record.get("top_n", 0)),
-                    request_id=str(record.get("id", number)),
-                )
-            )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # one bad line must not sink the others
-            error = pb.RequestError(
-                code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=f"line {number}: {type(exc).__name__}: {exc}"
-            )
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"not JSON: {exc}") from None
+            requests.append(_batch_request(record, number))
+        except ValueError as exc:  # one bad line must not sink the others
+            error = pb.RequestError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=f"line {number}: {exc}")
             unreadable.append(pb.RerankResponse(request_id=str(number), error=error))
+    total = len(requests) + len(unreadable)
 
-    sink = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
-    failures = 0
-    answers = (
-        client.rerank_many(iter(requests), timeout=max(args.timeout, 1.0) * max(1, len(requests))) if requests else []
-    )
-    with tqdm(total=len(lines), disable=args.no_progress, file=sys.stderr, unit="req") as progress:
-        for response in itertools.chain(unreadable, answers):
-            failures += response.HasField("error")
-            sink.write(json.dumps(MessageToDict(response), ensure_ascii=False) + "\n")
-            progress.update(1)
-    sink.flush()
+    with contextlib.ExitStack() as stack:
+        try:
+            sink = sys.stdout if args.output == "-" else stack.enter_context(open(args.output, "w", encoding="utf-8"))
+        except OSError as error:
+            print(f"error: cannot write {args.output}: {error.strerror or error}", file=sys.stderr)
+            return 2
+        failures = 0
+        answers = (
+            client.rerank_many(iter(requests), timeout=max(args.timeout, 1.0) * max(1, len(requests)))
+            if requests
+            else []
+        )
+        with tqdm(total=total, disable=args.no_progress, file=sys.stderr, unit="req") as progress:
+            for message in unreadable:
+                failures += 1
+                sink.write(json.dumps(_message_json(message), ensure_ascii=False) + "\n")
+                progress.update(1)
+            for answer in answers:
+                failures += isinstance(answer, RequestFailed)
+                sink.write(json.dumps(_message_json(answer.raw), ensure_ascii=False) + "\n")
+                progress.update(1)
+        sink.flush()
     if failures:
-        print(f"{failures} of {len(lines)} requests failed; see their error fields", file=sys.stderr)
+        print(f"{failures} of {total} requests failed; see their error fields", file=sys.stderr)
     return 1 if failures else 0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.client import RerankerClient, RerankerError, rerank_request
+from reranker_client import RerankerClient, RerankerError, rerank_request
 from tests.texts import DOCUMENTS, QUERY
 
 BATCH_ROWS = 4
@@ -23,7 +23,7 @@ def send_traffic(address: str) -> list[int]:
         with pytest.raises(RerankerError):
             client.rerank("", ["refused before admission"])
         tokens.append(client.score([(QUERY, document) for document in DOCUMENTS[8:12]]).usage.tokens)
-        tokens.append(list(client.rerank_stream(QUERY, DOCUMENTS[12:18]))[-1].final.usage.tokens)
+        tokens.append(list(client.rerank_stream(QUERY, DOCUMENTS[12:18]))[-1].usage.tokens)
         many = client.rerank_many(
             [rerank_request(QUERY, DOCUMENTS[:3], request_id="a"), rerank_request("q", DOCUMENTS[3:6], request_id="b")]
         )

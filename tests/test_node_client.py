@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from service.client import RerankerClient
+from reranker_client import RerankerClient
 from tests.flaky import flaky_server
 from tests.npm import NODE_CLIENT, node_modules
 from tests.texts import DOCUMENTS, QUERY

