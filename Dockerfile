@@ -1,5 +1,5 @@
 # The reranker service in a container. Configured entirely by RERANKER_*
-# environment variables (README.md, Settings, lists them); the model comes from a
+# environment variables (docs/operating.md, Settings, lists them); the model comes from a
 # mounted Hugging Face cache (HF_HOME) or a mounted checkpoint directory, never
 # from the network at run time.
 #
