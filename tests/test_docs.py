@@ -3,7 +3,7 @@
 - docs/operating.md's settings table is what scripts/settings_table.py makes of
   service.settings.Settings (`make docs` rewrites it), and every metric is
   described there.
-- Every fenced code block in README.md and docs/*.md carries a language tag.
+- Every fenced code block in README.md, docs/*.md and the Python client's README carries a language tag.
   Blocks tagged python, js/javascript, and sh/bash/console blocks whose commands
   are all `reranker` or `grpcurl` calls, run against one live server started for
   this module, with localhost:50051 replaced by its address. A block preceded by
@@ -31,13 +31,13 @@ import pytest
 from service.metrics import Metrics
 from service.settings import ENV_PREFIX, Settings
 from tests.npm import node_modules
-from tests.serving import start_server
+from bench.server import start_server
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 OPERATING = DOCS / "operating.md"
 # The pages whose code blocks run.
-SNIPPET_PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+SNIPPET_PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md")), ROOT / "clients" / "python" / "README.md"]
 # The pages whose links are checked.
 LINKED_PAGES = [*SNIPPET_PAGES, ROOT / "BENCHMARKS.md", ROOT / "clients" / "node" / "README.md"]
 
