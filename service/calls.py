@@ -26,6 +26,7 @@ class CallOptions:
     priority: int = INTERACTIVE
     truncation: Truncation = Truncation.END
     timeout: float | None = None  # seconds from arrival; None: no limit of its own
+    max_tokens_per_doc: int | None = None  # document tokens kept (Cohere's name); None: as max_length allows
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,8 @@ class Ranker:
             raise InvalidArgument(f"unknown priority {options.priority}")
         if options.timeout is not None and not (options.timeout > 0 and math.isfinite(options.timeout)):
             raise InvalidArgument(f"timeout must be a positive number of seconds, got {options.timeout}")
+        if options.max_tokens_per_doc is not None and options.max_tokens_per_doc < 1:
+            raise InvalidArgument(f"max_tokens_per_doc must be at least 1, got {options.max_tokens_per_doc}")
         if len(options.instruction) > limits.max_query_chars:
             raise InvalidArgument(
                 f"instruction has {len(options.instruction)} characters, more than max_query_chars={limits.max_query_chars}"
@@ -211,16 +213,23 @@ class Ranker:
                 raise DeadlineExceeded("the deadline passed while the request was being tokenized")
             try:
                 encoded += await loop.run_in_executor(
-                    self._tokenizers, self._encoder.encode, chunk, options.instruction, truncate
+                    self._tokenizers,
+                    self._encoder.encode,
+                    chunk,
+                    options.instruction,
+                    truncate,
+                    options.max_tokens_per_doc,
                 )
             except PromptTooLong as exc:
                 if exc.position is None:
                     raise InvalidArgument(str(exc)) from None
                 index = distinct_of.index(start + exc.position)  # the call's first document with that text
-                raise InvalidArgument(
-                    f"document {index} needs {exc.needed} tokens, more than max_length {self._encoder.max_length}, "
-                    "and truncation was refused"
-                ) from None
+                cap = options.max_tokens_per_doc
+                if cap is not None and exc.document_tokens > cap:
+                    limit = f"{exc.document_tokens} document tokens, more than max_tokens_per_doc={cap}"
+                else:
+                    limit = f"{exc.needed} tokens, more than max_length {self._encoder.max_length}"
+                raise InvalidArgument(f"document {index} needs {limit}, and truncation was refused") from None
         return encoded
 
     def _ranking(self, call: RerankCall, work: _Work) -> Answer:

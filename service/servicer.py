@@ -179,6 +179,7 @@ def _options(request, time_remaining: float | None, has_timeout: bool) -> CallOp
         priority=_PRIORITIES[request.priority],
         truncation=_TRUNCATIONS[request.truncation],
         timeout=min(limits) if limits else None,
+        max_tokens_per_doc=request.max_tokens_per_doc or None,
     )
 
 

@@ -113,6 +113,32 @@ def test_truncation_is_reported(stub, recipe):
     assert "document 1 needs" in refused.value.details() and f"max_length {MAX_LENGTH}" in refused.value.details()
 
 
+def test_max_tokens_per_doc_cuts_each_document(stub, recipe, tiny_model):
+    long_document = "Paris is the capital of France. " * 40
+    whole = stub.Rerank(pb.RerankRequest(query=QUERY, documents=[long_document]), timeout=60).results[0]
+    roomy = stub.Rerank(pb.RerankRequest(query=QUERY, documents=[long_document], max_tokens_per_doc=1000), timeout=60)
+    assert roomy.results[0].logit == whole.logit and not roomy.results[0].truncated
+    cut = stub.Rerank(pb.RerankRequest(query=QUERY, documents=[long_document], max_tokens_per_doc=20), timeout=60)
+    result = cut.results[0]
+    assert result.truncated and cut.usage.truncated_documents == 1
+    # the recipe cutting the body at the head plus 20 document tokens reads the same tokens
+    # prompt + head with an empty document, less the space after "<Document>:", which is a
+    # token of its own there but merges into a document's first word
+    head = len(recipe.token_ids(None, QUERY, [""])[0]) - 1
+    assert result.tokens == head + 20
+    expected = Recipe(tiny_model, max_length=result.tokens).scores(None, QUERY, [long_document])[0][1]
+    assert result.logit == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Rerank(
+            pb.RerankRequest(
+                query=QUERY, documents=["short", long_document], max_tokens_per_doc=20, truncation=pb.TRUNCATION_NONE
+            ),
+            timeout=60,
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "document 1 needs" in refused.value.details() and "max_tokens_per_doc=20" in refused.value.details()
+
+
 def test_score_keeps_input_order(stub, recipe):
     pairs = [pb.Pair(query=QUERY, document=d) for d in DOCUMENTS[:5]] + [
         pb.Pair(query="東京はどこ?", document=DOCUMENTS[5])

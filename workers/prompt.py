@@ -37,10 +37,11 @@ class PromptTooLong(ValueError):
     (`position` None), or the pair at `position` does not fit and truncation
     was refused. `needed` is the pair's (or the head's) length in tokens."""
 
-    def __init__(self, message: str, needed: int, position: int | None = None) -> None:
+    def __init__(self, message: str, needed: int, position: int | None = None, document_tokens: int = 0) -> None:
         super().__init__(message)
         self.needed = needed
         self.position = position
+        self.document_tokens = document_tokens
 
 
 @dataclass(frozen=True)
@@ -90,11 +91,15 @@ class PromptEncoder:
         pairs: Sequence[tuple[str, str]],
         instruction: str = "",
         truncate: bool = True,
+        max_document_tokens: int | None = None,
     ) -> list[EncodedPair]:
         """Encode (query, document) pairs that share one instruction.
 
-        Raises PromptTooLong when a query and the instruction alone fill the
-        budget, or, with `truncate=False`, when a pair does not fit.
+        A document is cut at its end where the pair would exceed `max_length`,
+        or where the document alone would exceed `max_document_tokens` (Cohere's
+        max_tokens_per_doc). Raises PromptTooLong when a query and the
+        instruction alone fill the budget, or, with `truncate=False`, when a
+        document would have to be cut.
         """
         instruction = instruction or DEFAULT_INSTRUCTION
         heads = self._heads(instruction, {query for query, _ in pairs})
@@ -105,7 +110,11 @@ class PromptEncoder:
         encoded = []
         for position, ((query, _), body) in enumerate(zip(pairs, bodies, strict=True)):
             ids = body.ids
-            truncated = len(ids) > self.body_budget
+            head = heads[query]
+            limit = self.body_budget
+            if max_document_tokens is not None:
+                limit = min(limit, len(head) + max_document_tokens)
+            truncated = len(ids) > limit
             if truncated and not truncate:
                 needed = len(ids) + self.fixed_tokens
                 raise PromptTooLong(
@@ -113,11 +122,11 @@ class PromptEncoder:
                     "and truncation was refused",
                     needed,
                     position,
+                    len(ids) - len(head),
                 )
             full = array("i", self.prefix_ids)
-            full.extend(ids[: self.body_budget] if truncated else ids)
+            full.extend(ids[:limit] if truncated else ids)
             full.extend(self.suffix_ids)
-            head = heads[query]
             # The head was always a prefix of the body in every case tried (FACTS.md);
             # a pair for which it is not is scored whole, never wrongly.
             shared = len(self.prefix_ids) + len(head) if ids[: len(head)] == head else 0

@@ -133,8 +133,10 @@ def rerank_request(
     request_id: str = "",
     priority: int = Priority.UNSPECIFIED,
     truncation: int = Truncation.UNSPECIFIED,
+    max_tokens_per_doc: int = 0,
 ) -> pb.RerankRequest:
-    """A RerankRequest; a list of them is what rerank_many sends."""
+    """A RerankRequest; a list of them is what rerank_many sends. `max_tokens_per_doc`
+    keeps at most that many tokens of each document (0: as max_length allows)."""
     return pb.RerankRequest(
         query=query,
         documents=list(documents),
@@ -144,6 +146,7 @@ def rerank_request(
         request_id=request_id,
         priority=priority,
         truncation=truncation,
+        max_tokens_per_doc=max_tokens_per_doc,
     )
 
 
@@ -154,6 +157,7 @@ def score_request(
     request_id: str = "",
     priority: int = Priority.UNSPECIFIED,
     truncation: int = Truncation.UNSPECIFIED,
+    max_tokens_per_doc: int = 0,
 ) -> pb.ScoreRequest:
     return pb.ScoreRequest(
         pairs=[pb.Pair(query=query, document=document) for query, document in pairs],
@@ -161,6 +165,7 @@ def score_request(
         request_id=request_id,
         priority=priority,
         truncation=truncation,
+        max_tokens_per_doc=max_tokens_per_doc,
     )
 
 

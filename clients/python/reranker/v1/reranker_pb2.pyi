@@ -44,7 +44,7 @@ PRECISION_INT8: Precision
 PRECISION_NF4: Precision
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "documents", "instruction", "top_n", "return_documents", "request_id", "priority", "truncation", "timeout", "cancel")
+    __slots__ = ("query", "documents", "instruction", "top_n", "return_documents", "request_id", "priority", "truncation", "timeout", "cancel", "max_tokens_per_doc")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class RerankRequest(_message.Message):
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_PER_DOC_FIELD_NUMBER: _ClassVar[int]
     query: str
     documents: _containers.RepeatedScalarFieldContainer[str]
     instruction: str
@@ -65,7 +66,8 @@ class RerankRequest(_message.Message):
     truncation: Truncation
     timeout: _duration_pb2.Duration
     cancel: bool
-    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., instruction: _Optional[str] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., request_id: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cancel: _Optional[bool] = ...) -> None: ...
+    max_tokens_per_doc: int
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., instruction: _Optional[str] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., request_id: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cancel: _Optional[bool] = ..., max_tokens_per_doc: _Optional[int] = ...) -> None: ...
 
 class ScoredDocument(_message.Message):
     __slots__ = ("index", "score", "logit", "document", "truncated", "tokens")
@@ -150,18 +152,20 @@ class Pair(_message.Message):
     def __init__(self, query: _Optional[str] = ..., document: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("pairs", "instruction", "request_id", "priority", "truncation")
+    __slots__ = ("pairs", "instruction", "request_id", "priority", "truncation", "max_tokens_per_doc")
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_PER_DOC_FIELD_NUMBER: _ClassVar[int]
     pairs: _containers.RepeatedCompositeFieldContainer[Pair]
     instruction: str
     request_id: str
     priority: Priority
     truncation: Truncation
-    def __init__(self, pairs: _Optional[_Iterable[_Union[Pair, _Mapping]]] = ..., instruction: _Optional[str] = ..., request_id: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., truncation: _Optional[_Union[Truncation, str]] = ...) -> None: ...
+    max_tokens_per_doc: int
+    def __init__(self, pairs: _Optional[_Iterable[_Union[Pair, _Mapping]]] = ..., instruction: _Optional[str] = ..., request_id: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., max_tokens_per_doc: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("request_id", "results", "usage", "timing")
