@@ -32,6 +32,7 @@ from service.calls import Limits, ModelInfo
 from service.errors import Unavailable
 from service.interceptors import ObservingInterceptor, TokenAuthInterceptor
 from service.limits import CallLimit
+from service.memory import MemoryReleaser
 from service.metrics import Metrics
 from service.pool import Launcher, WorkerPool, count_gpus, worker_specs
 from service.ranking import CallLimits, Ranker
@@ -70,6 +71,7 @@ class App:
     health: health.aio.HealthServicer
     tokenizers: ThreadPoolExecutor
     calls: CallLimit
+    memory: MemoryReleaser
     tracing: Tracing | None
     port: int  # the bound gRPC port
     metrics_port: int  # the bound metrics port; 0 when off
@@ -77,11 +79,13 @@ class App:
     _stopped: bool = field(default=False, repr=False)
     _serving: bool = field(default=False, repr=False)
     _health_task: asyncio.Task | None = field(default=None, repr=False)
+    _memory_task: asyncio.Task | None = field(default=None, repr=False)
 
     async def start(self) -> None:
         """Start the workers, then the servers (health NOT_SERVING until `ready`)."""
         await self.pool.start(self.batcher, on_change=self._update_health)
         self.batcher.start()
+        self._memory_task = asyncio.create_task(self.memory.run(), name="memory")
         await _set_health(self.health, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         s = self.settings
@@ -130,6 +134,8 @@ class App:
         )
         await self.server.stop(_FLUSH_SECONDS)
         await self.pool.stop()
+        if self._memory_task is not None:
+            self._memory_task.cancel()
         self.tokenizers.shutdown(wait=False, cancel_futures=True)
         if self.tracing is not None:
             self.tracing.shutdown()
@@ -187,7 +193,8 @@ def build(settings: Settings, launcher: Launcher | None = None) -> App:
     health_servicer = health.aio.HealthServicer()
     stopping = asyncio.Event()
     calls = CallLimit(settings.max_concurrent_rpcs, metrics.calls_in_progress)
-    interceptors = [ObservingInterceptor(metrics, calls, stopping, tracing)]
+    memory = MemoryReleaser()
+    interceptors = [ObservingInterceptor(metrics, calls, stopping, memory, tracing)]
     if tokens:
         interceptors.append(TokenAuthInterceptor(tokens))
     server = _grpc_server(settings, interceptors)
@@ -198,7 +205,7 @@ def build(settings: Settings, launcher: Launcher | None = None) -> App:
     metrics_port = _serve_metrics(metrics, settings) if settings.metrics_port else 0
     return App(
         settings, checkpoint, encoder, metrics, pool, batcher, ranker, server, health_servicer, tokenizers, calls,
-        tracing, port, metrics_port, stopping,
+        memory, tracing, port, metrics_port, stopping,
     )  # fmt: skip
 
 

@@ -5,7 +5,6 @@ is bounded, and where bearer tokens are checked."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -23,6 +22,7 @@ from service.errors import (
     Unavailable,
 )
 from service.limits import CallLimit
+from service.memory import MemoryReleaser
 from service.metrics import Metrics
 from service.tracing import Tracing
 
@@ -78,8 +78,9 @@ class _Undecodable:
         self.error = error
 
 
-def _lenient(deserialize: Callable) -> Callable:
+def _lenient(deserialize: Callable, memory: MemoryReleaser) -> Callable:
     def parse(data: bytes):
+        memory.saw(len(data))
         try:
             return deserialize(data)
         except Exception as exc:  # DecodeError and its kin: bad bytes from the client
@@ -109,10 +110,12 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         metrics: Metrics,
         limit: CallLimit,
         stopping: asyncio.Event,
+        memory: MemoryReleaser,
         tracing: Tracing | None = None,
     ) -> None:
         self._metrics = metrics
         self._limit = limit
+        self._memory = memory
         self._stopping = stopping  # set once shutdown has cut calls short: they end UNAVAILABLE
         self._tracing = tracing
 
@@ -127,59 +130,107 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
             if streams_out:
 
                 async def streaming(request, context):
-                    async with self._observe(rpc, context):
-                        async for response in behaviour(check(request), context):
-                            yield response
+                    call = _Call(self, rpc, context)
+                    try:
+                        try:
+                            responses = behaviour(check(request), context)
+                            del request  # only the call's own frames hold it (see _Call)
+                            with self._limit.taken():
+                                async for response in responses:
+                                    yield response
+                        except (grpc.aio.AbortError, asyncio.CancelledError):
+                            raise
+                        except Exception as exc:
+                            call.failed(exc)
+                        await call.abort_if_failed()
+                    except BaseException as exc:
+                        call.ended_by(exc)
+                        raise
+                    finally:
+                        call.record()
 
                 return streaming
 
             async def unary(request, context):
-                async with self._observe(rpc, context):
-                    return await behaviour(check(request), context)
+                call = _Call(self, rpc, context)
+                try:
+                    try:
+                        answer = behaviour(check(request), context)
+                        del request  # only the call's own frames hold it (see _Call)
+                        with self._limit.taken():
+                            return await answer
+                    except (grpc.aio.AbortError, asyncio.CancelledError):
+                        raise
+                    except Exception as exc:
+                        call.failed(exc)
+                    await call.abort_if_failed()
+                except BaseException as exc:
+                    call.ended_by(exc)
+                    raise
+                finally:
+                    call.record()
 
             return unary
 
-        return _rewrap(handler, wrap, _lenient(handler.request_deserializer))
+        return _rewrap(handler, wrap, _lenient(handler.request_deserializer, self._memory))
 
-    @contextlib.asynccontextmanager
-    async def _observe(self, rpc: str, context: grpc.aio.ServicerContext):
+
+class _Call:
+    """One observed Reranker call: its status as sent, its log line and metrics.
+
+    The status is sent by aborting outside any `except` block, so that the
+    abort does not chain to the failure: the failure's traceback holds the
+    request's frames, and a chain kept alive by a reference cycle would keep
+    a refused 16 MB message in memory until the cycle collector runs.
+    """
+
+    def __init__(self, interceptor: ObservingInterceptor, rpc: str, context: grpc.aio.ServicerContext) -> None:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(rpc=rpc)
-        start = time.perf_counter()
-        code, reason = grpc.StatusCode.OK, None
-        trace = self._tracing.attach(context.invocation_metadata()) if self._tracing else None
-        try:
-            with self._limit.taken():
-                yield
-        except ServiceError as exc:
-            code, reason = status_of(exc), exc.message
-            await context.abort(code, exc.message)
-        except grpc.aio.AbortError:
-            code = context.code() or grpc.StatusCode.UNKNOWN
-            raise
-        except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            if self._stopping.is_set():
-                code, reason = grpc.StatusCode.UNAVAILABLE, "the server stopped before the call finished"
+        self._interceptor = interceptor
+        self._rpc = rpc
+        self._context = context
+        self._start = time.perf_counter()
+        self.code, self.reason = grpc.StatusCode.OK, None
+        tracing = interceptor._tracing
+        self._trace = tracing.attach(context.invocation_metadata()) if tracing else None
+
+    def failed(self, error: Exception) -> None:
+        if isinstance(error, ServiceError):
+            self.code, self.reason = status_of(error), error.message
+        else:
+            self.code, self.reason = grpc.StatusCode.INTERNAL, "internal error; the server log has the details"
+            log.error("rpc_crashed", exc_info=error)
+
+    async def abort_if_failed(self) -> None:
+        if self.code is not grpc.StatusCode.OK:
+            await self._context.abort(self.code, self.reason)
+
+    def ended_by(self, error: BaseException) -> None:
+        """How a call that raised ended, for the record."""
+        if isinstance(error, grpc.aio.AbortError):
+            if self.code is grpc.StatusCode.OK:  # aborted by the handler itself
+                self.code = self._context.code() or grpc.StatusCode.UNKNOWN
+        elif isinstance(error, asyncio.CancelledError | GeneratorExit):
+            remaining = self._context.time_remaining()
+            if self._interceptor._stopping.is_set():
+                self.code, self.reason = grpc.StatusCode.UNAVAILABLE, "the server stopped before the call finished"
             elif remaining is not None and remaining <= 0:
-                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                self.code = grpc.StatusCode.DEADLINE_EXCEEDED
             else:
-                code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("rpc_crashed")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
-        finally:
-            if trace is not None:
-                self._tracing.detach(trace)
-            seconds = time.perf_counter() - start
-            self._metrics.requests.labels(rpc, code.name).inc()
-            self._metrics.request_seconds.labels(rpc).observe(seconds)
-            if reason is None:
-                log.info("rpc", code=code.name, ms=round(1000 * seconds, 2))
-            else:
-                log.info("rpc", code=code.name, ms=round(1000 * seconds, 2), reason=reason)
+                self.code = grpc.StatusCode.CANCELLED
+
+    def record(self) -> None:
+        interceptor = self._interceptor
+        if self._trace is not None:
+            interceptor._tracing.detach(self._trace)
+        seconds = time.perf_counter() - self._start
+        interceptor._metrics.requests.labels(self._rpc, self.code.name).inc()
+        interceptor._metrics.request_seconds.labels(self._rpc).observe(seconds)
+        fields = {"code": self.code.name, "ms": round(1000 * seconds, 2)}
+        if self.reason is not None:
+            fields["reason"] = self.reason
+        log.info("rpc", **fields)
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):

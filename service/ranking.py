@@ -97,12 +97,14 @@ class Ranker:
         return self.info
 
     async def rerank(self, call: RerankCall, span: str = "Rerank") -> Answer:
+        self._identify(call.options)
         async with self._running(call.options, self._rerank_pairs(call), span) as work:
             await work.job.finished()
         return self._ranking(call, work)
 
     async def rerank_stream(self, call: RerankCall, span: str = "RerankStream") -> AsyncIterator[list[Scored] | Answer]:
         """The documents each batch scored, as batches complete; then the ranking."""
+        self._identify(call.options)
         async with self._running(call.options, self._rerank_pairs(call), span, stream=True) as work:
             calls_of: dict[int, list[int]] = {}
             for index, distinct in enumerate(work.distinct_of):
@@ -112,6 +114,7 @@ class Ranker:
         yield self._ranking(call, work)
 
     async def score(self, call: ScoreCall, span: str = "Score") -> Answer:
+        self._identify(call.options)
         count = len(call.pairs)
         self._check_count(count)
         pairs = list(call.pairs)
@@ -132,6 +135,13 @@ class Ranker:
             raise InvalidArgument("query is empty")
         return [(call.query, document) for document in call.documents]
 
+    @staticmethod
+    def _identify(options: CallOptions) -> None:
+        """The request id goes on every log line of the call, so it is checked first."""
+        if len(options.request_id) > MAX_ID_CHARS:
+            raise InvalidArgument(f"request_id has {len(options.request_id)} characters, more than {MAX_ID_CHARS}")
+        structlog.contextvars.bind_contextvars(request_id=options.request_id)
+
     def _check_count(self, count: int) -> None:
         """Before anything else is read: a count over the limit costs nothing more."""
         limit = self._limits.max_documents_per_request
@@ -142,8 +152,6 @@ class Ranker:
 
     def _check(self, options: CallOptions, pairs: list[tuple[str, str]]) -> None:
         limits = self._limits
-        if len(options.request_id) > MAX_ID_CHARS:
-            raise InvalidArgument(f"request_id has {len(options.request_id)} characters, more than {MAX_ID_CHARS}")
         if options.priority not in (INTERACTIVE, BATCH):
             raise InvalidArgument(f"unknown priority {options.priority}")
         if options.timeout is not None and not (options.timeout > 0 and math.isfinite(options.timeout)):
@@ -173,7 +181,7 @@ class Ranker:
         the batcher, and leaving the block (however) drops what is still queued."""
         work = _Work(time.perf_counter(), len(pairs))
         self._check(options, pairs)
-        structlog.contextvars.bind_contextvars(request_id=options.request_id, documents=len(pairs))
+        structlog.contextvars.bind_contextvars(documents=len(pairs))
         loop = asyncio.get_running_loop()
         deadline = None if options.timeout is None else loop.time() + options.timeout
         error: BaseException | None = None
@@ -199,6 +207,11 @@ class Ranker:
         finally:
             if self._tracing is not None:
                 self._tracing.record(span, options.request_id, work.arrived, work.tokenize_seconds, work.job, error)
+            if error is not None:
+                # Break the cycles (this frame -> error -> its traceback -> this frame, and
+                # the job's future -> error) that would keep the call's pairs in memory
+                # until the cycle collector runs.
+                error, work.job = None, None
 
     async def _encode(
         self, pairs: list[tuple[str, str]], distinct_of: list[int], options: CallOptions, deadline: float | None

@@ -80,3 +80,18 @@ def test_metrics_count_exactly_the_traffic(server_factory, tiny_model):
     assert m("reranker_worker_token_budget", worker="0") > 0
     assert m("reranker_worker_compute_seconds_total", worker="0") > 0
     assert m("reranker_worker_restarts_total") == 0
+
+
+def test_metrics_listen_where_they_are_told(server_factory, tiny_model):
+    """--metrics-host: the endpoint has no authentication, so it can be kept off
+    the address the gRPC port serves on."""
+    import urllib.error
+    import urllib.request
+
+    server = server_factory(tiny_model, "--cpu-threads", "1", "--metrics-host", "127.0.0.2", wait=False)
+    listening = server.wait_for_event("metrics_listening")[0]
+    assert listening["host"] == "127.0.0.2"
+    port = listening["port"]
+    assert b"reranker_requests_total" in urllib.request.urlopen(f"http://127.0.0.2:{port}/metrics", timeout=5).read()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)

@@ -27,7 +27,9 @@ def pki(tmp_path_factory):
     for blob in server_cert.cert_chain_pems:
         blob.write_to_path(folder / "server.pem", append=True)
     paths.update(key=folder / "server.key", cert=folder / "server.pem")
-    paths["tokens"].write_text(f"# accepted tokens\n{TOKEN}\nanother-token\n")
+    paths["tokens"].write_text(
+        f"# accepted tokens\n{TOKEN}\n  # an indented comment\n\t# a tabbed one\n  another-token  \n\n"
+    )
 
     def credentials(cert=None):
         chain = b"".join(blob.bytes() for blob in cert.cert_chain_pems) if cert else None
@@ -99,7 +101,7 @@ def test_mutual_tls_and_tokens(pki, tiny_model, server_factory):
         assert len(rerank(channel, TOKEN).results) == 2
         assert len(rerank(channel, "another-token").results) == 2
         assert len(rerank(channel, "from-the-environment").results) == 2
-        for token in (None, "", "wrong", TOKEN + "x", TOKEN[:-1]):
+        for token in (None, "", "wrong", TOKEN + "x", TOKEN[:-1], "#", "# an indented comment"):
             assert code_of(lambda: rerank(channel, token)) == grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.RpcError) as error:
             reranker_pb2_grpc.RerankerStub(channel).RerankStream(

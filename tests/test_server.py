@@ -319,8 +319,14 @@ def test_front_end_never_loads_torch(server):
 def test_health_is_not_serving_until_workers_are_ready(server_factory, tiny_model):
     srv = server_factory(tiny_model, wait=False)
     assert srv.health() == health_pb2.HealthCheckResponse.NOT_SERVING
-    with srv.channel() as channel, pytest.raises(grpc.RpcError) as error:
-        reranker_pb2_grpc.RerankerStub(channel).Rerank(pb.RerankRequest(query="q", documents=["a"]), timeout=10)
-    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    with srv.channel() as channel:
+        stub = reranker_pb2_grpc.RerankerStub(channel)
+        for call in (
+            lambda: stub.Rerank(pb.RerankRequest(query="q", documents=["a"]), timeout=10),
+            lambda: stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10),
+        ):
+            with pytest.raises(grpc.RpcError) as error:
+                call()
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     srv.wait_serving()
     assert srv.health() == health_pb2.HealthCheckResponse.SERVING

@@ -74,3 +74,16 @@ def test_devices():
         parse_devices("cuda:3", 2)
     with pytest.raises(ValueError, match="'gpu0' is not cpu, cuda or cuda:N"):
         parse_devices("gpu0", 1)
+
+
+def test_the_tokens_file_format(tmp_path):
+    """Stripped first, then blank lines and # comments skipped: an indented comment is no token."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# accepted\n  alpha  \n\n   # indented\n\t# tabbed\n\tbeta\n")
+    assert Settings(model="m", auth_tokens_file=str(tokens)).accepted_tokens() == ("alpha", "beta")
+    tokens.write_text("#\n   # only comments\n \t \n")
+    with pytest.raises(ValueError, match="holds no token .* refusing to start with authentication off"):
+        Settings(model="m", auth_tokens_file=str(tokens)).accepted_tokens()
+    tokens.write_text("two words\n")
+    with pytest.raises(ValueError, match="line 1: a token cannot hold whitespace"):
+        Settings(model="m", auth_tokens_file=str(tokens)).accepted_tokens()
