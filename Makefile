@@ -8,39 +8,60 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch 2.13.0: a CPU build where this machine has one on disk, a CUDA build from PyPI elsewhere.
 TORCH ?= torch==2.13.0
+# On a machine without a GPU and without that file, PyPI's torch is a CUDA build of
+# several GB; the CPU build is much smaller:
+#   make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
+# Extra pytest arguments, e.g. make test PYTEST_ARGS="-x tests/test_server.py"
+PYTEST_ARGS ?=
 MODEL ?=
 PORT ?= 50051
 DEMO_MODEL := models/demo
 
-.PHONY: install test test-all demo serve proto bench soak gpu-check clean
+.PHONY: install serving test test-all lint demo serve proto bench soak gpu-check clean
 
-install: $(VENV)/.installed
+# What serving needs (make demo, make serve): torch, the client package (clients/python:
+# the stubs and reranker_client; the server depends on it by name, and it is not fetched
+# from an index), the server, bitsandbytes for int8/nf4, the demo model's tokenizer files.
+serving: $(VENV)/.serving
 
-# The client package (clients/python: the stubs and reranker_client) first: the server
-# depends on it by name, and it is not fetched from an index.
-$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
+$(VENV)/.serving: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(BIN)/python -m pip install -q -e ./clients/python
-	$(BIN)/python -m pip install -q -e ".[test,quant,demo]"
+	$(BIN)/python -m pip install -q -e ".[quant,demo]"
+	touch $@
+
+# Everything: serving, and what the tests and checks need.
+install: $(VENV)/.installed
+
+$(VENV)/.installed: $(VENV)/.serving
+	$(BIN)/python -m pip install -q -e "./clients/python[test]" -e ".[test,quant,demo]"
 	touch $@
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The long runs too (soak, benchmarks marked slow).
 test-all: install
-	$(BIN)/python -m pytest -q -m ""
+	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
 
-$(DEMO_MODEL)/config.json: | install
+# Formatting, lint and types (what CI checks before the tests).
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+$(DEMO_MODEL)/config.json: | serving
 	$(BIN)/reranker demo-model $(DEMO_MODEL)
 
-demo: install $(DEMO_MODEL)/config.json
-	$(BIN)/reranker serve --model $(DEMO_MODEL) --port $(PORT)
+# Serves the tiny random model; prints a first call to paste once it answers.
+demo: serving $(DEMO_MODEL)/config.json
+	$(BIN)/python scripts/demo.py --model $(DEMO_MODEL) --port $(PORT)
 
 # make serve MODEL=Qwen/Qwen3-Reranker-4B   (a directory, or a hub id in the local cache)
-serve: install
+serve: serving
 	@test -n "$(MODEL)" || { echo "usage: make serve MODEL=<directory or hub id>"; exit 2; }
 	$(BIN)/reranker serve --model $(MODEL) --port $(PORT)
 

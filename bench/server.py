@@ -167,8 +167,12 @@ def start_server(
     CPU workers, JSON logs; returns once it listens and, with `wait`, once it
     is SERVING. `entry` names another module to run (with its arguments) in
     place of `service serve`, for servers with other workers."""
-    command = [sys.executable, "-m", *entry, "--model", str(model), "--host", "127.0.0.1", "--port", "0"]
-    command += ["--metrics-port", str(free_port()), "--device", "cpu", "--log-format", "json", *args]
+    defaults = {"--host": "127.0.0.1", "--port": "0", "--metrics-port": str(free_port()), "--device": "cpu"}
+    defaults["--log-format"] = "json"
+    command = [sys.executable, "-m", *entry, "--model", str(model), *args]
+    for flag, value in defaults.items():
+        if flag not in args:  # a flag may be given once
+            command += [flag, value]
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(
         command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -50,12 +50,18 @@ def server_factory(request):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model):
-    """One shared server: two CPU worker processes, the tiny model."""
-    srv = start_server(tiny_model, "--workers-per-device", "2", "--cpu-threads", "1")
+def server_flags() -> tuple[str, ...]:
+    """`reranker serve` flags of the module's `server`; a module overrides this fixture
+    to serve with others."""
+    return ("--workers-per-device", "2", "--cpu-threads", "1")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, server_flags):
+    """The module's real server (a subprocess with worker processes), started once."""
+    srv = start_server(tiny_model, *server_flags)
     yield srv
-    code = srv.stop()
-    assert code == 0, srv.log_text()
+    assert srv.stop() == 0, srv.log_text()
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 
-from bench.server import start_server, wait_until
+from bench.server import wait_until
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc
 
@@ -20,10 +20,9 @@ SECRET = "SENTINEL-document-text-3b9d"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model):
-    srv = start_server(tiny_model, "--workers-per-device", "1", "--cpu-threads", "1")
-    yield srv
-    assert srv.stop() == 0, srv.log_text()
+def server_flags():
+    """One worker: the front end's memory is what is measured."""
+    return ("--workers-per-device", "1", "--cpu-threads", "1")
 
 
 @pytest.fixture(scope="module")

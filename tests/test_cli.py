@@ -19,19 +19,17 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from bench.server import free_port, start_server
+from bench.server import free_port
 from reranker_client import RerankerClient
-from tests.test_compose import COMPOSE, dockerfile_instructions
+from tests.deploy_files import COMPOSE, dockerfile_instructions
 from tests.texts import DOCUMENTS, QUERY
 
 RERANKER = str(pathlib.Path(sys.executable).with_name("reranker"))
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model):
-    srv = start_server(tiny_model, "--cpu-threads", "1")
-    yield srv
-    assert srv.stop() == 0, srv.log_text()
+def server_flags():
+    return ("--cpu-threads", "1")
 
 
 @pytest.fixture(scope="module")

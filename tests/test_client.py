@@ -21,7 +21,7 @@ import time
 import grpc
 import pytest
 
-from bench.server import ROOT, start_server
+from bench.server import ROOT
 from reranker_client import AsyncRerankerClient, RerankerClient, RerankerError
 from tests.texts import QUERY
 
@@ -31,11 +31,9 @@ SERVER_ONLY = ("torch", "transformers", "accelerate")
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model):
+def server_flags():
     """One worker, at most 4 rows per batch (so that streams have several parts)."""
-    srv = start_server(tiny_model, "--cpu-threads", "1", "--max-batch-size", "4")
-    yield srv
-    assert srv.stop() == 0, srv.log_text()
+    return ("--cpu-threads", "1", "--max-batch-size", "4")
 
 
 def run_client_tests(python: str | pathlib.Path, server, model, cwd: pathlib.Path) -> subprocess.CompletedProcess:

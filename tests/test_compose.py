@@ -19,9 +19,9 @@ import yaml
 
 from service.metrics import Metrics
 from service.settings import ENV_PREFIX, Settings, build_settings
+from tests.deploy_files import COMPOSE, dockerfile_instructions
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-COMPOSE = ROOT / "docker-compose.yml"
 DEPLOY = ROOT / "deploy" / "compose"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "reranker.json"
 CHECK_JSONSCHEMA = str(pathlib.Path(sys.executable).with_name("check-jsonschema"))
@@ -239,18 +239,6 @@ def test_dashboard_shows_what_operators_need():
 
 
 # -- Dockerfile ------------------------------------------------------------------------------
-
-
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
-    text = re.sub(
-        r"\\\n",
-        " ",
-        "\n".join(line for line in (ROOT / "Dockerfile").read_text().splitlines() if not line.lstrip().startswith("#")),
-    )
-    return [
-        (line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip()) for line in text.splitlines() if line.strip()
-    ]
 
 
 def test_dockerfile():

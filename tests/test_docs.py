@@ -31,7 +31,6 @@ import pytest
 from service.metrics import Metrics
 from service.settings import ENV_PREFIX, Settings
 from tests.npm import node_modules
-from bench.server import start_server
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -219,23 +218,20 @@ def _run(block: Block, command: list[str], code: str, **kwargs) -> subprocess.Co
 
 
 @pytest.fixture(scope="module")
-def live_server(tiny_model):
-    """The one server every runnable block calls."""
-    server = start_server(tiny_model, "--cpu-threads", "1")
-    yield server
-    code = server.stop()
-    assert code == 0, server.log_text()
+def server_flags():
+    """The one server every runnable block calls: one worker."""
+    return ("--cpu-threads", "1")
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=[f"{b.path.name}:{b.line}:{b.tag}" for b in RUNNABLE])
-def test_code_block_runs(block, live_server, tmp_path):
+def test_code_block_runs(block, server, tmp_path):
     if ADDRESS not in block.code:
         pytest.fail(
             f"{block.where}: a runnable {block.tag} block must call {ADDRESS} (the test points it at its own "
             f"server); if it is not meant to run, precede it with <!-- not run: reason -->",
             pytrace=False,
         )
-    code = _live(block, live_server.address)
+    code = _live(block, server.address)
     if block.tag in PYTHON_TAGS:
         script = tmp_path / "snippet.py"
         script.write_text(code, encoding="utf-8")

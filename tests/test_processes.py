@@ -11,20 +11,19 @@ import signal
 
 import grpc
 
-from bench.server import alive, start_server, wait_until
+from bench.server import alive, wait_until
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc
 from tests.apps import outcome, rerank_request
 
 
-def slow_server(model, delay_ms: int, *args: str):
-    return start_server(
-        model, "--cpu-threads", "1", *args, entry=("tests.slow_server", "--worker-delay-ms", str(delay_ms))
-    )
+def slow_server(server_factory, model, delay_ms: int, *args: str):
+    entry = ("tests.slow_server", "--worker-delay-ms", str(delay_ms))
+    return server_factory(model, "--cpu-threads", "1", *args, entry=entry)
 
 
-def test_worker_killed_mid_batch_under_load(tiny_model):
-    server = slow_server(tiny_model, 200, "--workers-per-device", "2", "--max-batch-size", "4")
+def test_worker_killed_mid_batch_under_load(tiny_model, server_factory):
+    server = slow_server(server_factory, tiny_model, 200, "--workers-per-device", "2", "--max-batch-size", "4")
     try:
 
         async def scenario():
@@ -56,10 +55,10 @@ def test_worker_killed_mid_batch_under_load(tiny_model):
         assert server.stop() == 0, server.log_text()
 
 
-def test_a_stopped_worker_is_declared_hung_and_replaced(tiny_model):
+def test_a_stopped_worker_is_declared_hung_and_replaced(tiny_model, server_factory):
     """SIGSTOP: alive but not answering. With the default (automatic) batch
     timeout it is killed within seconds, and its calls finish on the other worker."""
-    server = slow_server(tiny_model, 50, "--workers-per-device", "2", "--max-batch-size", "4")
+    server = slow_server(server_factory, tiny_model, 50, "--workers-per-device", "2", "--max-batch-size", "4")
     try:
         victim = sorted(server.worker_pids())[0]
 
@@ -89,8 +88,8 @@ def test_a_stopped_worker_is_declared_hung_and_replaced(tiny_model):
         assert server.stop() == 0, server.log_text()
 
 
-def test_sigterm_under_load_drains_and_leaves_no_process(tiny_model):
-    server = slow_server(tiny_model, 150, "--workers-per-device", "2", "--max-batch-size", "4")
+def test_sigterm_under_load_drains_and_leaves_no_process(tiny_model, server_factory):
+    server = slow_server(server_factory, tiny_model, 150, "--workers-per-device", "2", "--max-batch-size", "4")
     workers = server.worker_pids()
 
     async def scenario():
@@ -114,8 +113,8 @@ def test_sigterm_under_load_drains_and_leaves_no_process(tiny_model):
     wait_until(lambda: not any(alive(pid) for pid in workers), "the workers to exit", 10)
 
 
-def test_workers_die_with_a_killed_server(tiny_model):
-    server = start_server(tiny_model, "--workers-per-device", "2", "--cpu-threads", "1")
+def test_workers_die_with_a_killed_server(tiny_model, server_factory):
+    server = server_factory(tiny_model, "--workers-per-device", "2", "--cpu-threads", "1")
     workers = server.worker_pids()
     assert len(workers) == 2
     server.process.kill()

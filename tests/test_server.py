@@ -13,7 +13,6 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from bench.server import start_server
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc
 from tests.reference import Recipe
@@ -24,22 +23,11 @@ SECRET = "SENTINEL-never-in-logs-7f3a"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model):
-    srv = start_server(
-        tiny_model,
-        "--workers-per-device",
-        "2",
-        "--cpu-threads",
-        "1",
-        "--max-length",
-        str(MAX_LENGTH),
-        "--max-batch-size",
-        "64",
-        "--max-batch-tokens",
-        "16384",
-    )
-    yield srv
-    assert srv.stop() == 0, srv.log_text()
+def server_flags():
+    return (
+        "--workers-per-device", "2", "--cpu-threads", "1", "--max-length", str(MAX_LENGTH),
+        "--max-batch-size", "64", "--max-batch-tokens", "16384",
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

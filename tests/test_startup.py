@@ -14,19 +14,22 @@ import uuid
 
 import pytest
 
-from bench.server import ROOT, free_port, start_server
+from bench.server import ROOT
 
 
 def serve(*args: str, model=None, env: dict | None = None) -> tuple[int, list[dict], str]:
     """Run `reranker serve` to its end; returns its exit code, its JSON log
     events and its raw output. Fails if a process it started outlives it."""
     marker = uuid.uuid4().hex
-    command = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--device", "cpu"]
-    command += ["--log-format", "json", "--port", "0", "--metrics-port", "0"]
+    command = [sys.executable, "-m", "service", "serve", *args]
+    defaults = {"--host": "127.0.0.1", "--device": "cpu", "--log-format": "json", "--port": "0", "--metrics-port": "0"}
+    for flag, value in defaults.items():
+        if flag not in args:  # a flag may be given once
+            command += [flag, value]
     if model is not None:
         command += ["--model", str(model)]
     environment = {**os.environ, "RERANKER_TEST_MARKER": marker, **(env or {})}
-    result = subprocess.run([*command, *args], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120)
     output = result.stdout + result.stderr
     assert not _processes_with(marker), "a process the server started is still running"
     events = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
@@ -97,13 +100,10 @@ def test_a_metrics_port_in_use_is_named(tiny_model):
     assert_refused(code, events, output, f"127.0.0.1:{port}", "--metrics-port")
 
 
-def test_a_second_server_on_the_same_port_refuses_to_start(tiny_model):
-    first = start_server(tiny_model, "--workers-per-device", "1", "--cpu-threads", "1", wait=False)
-    try:
-        code, events, output = serve("--port", str(first.port), model=tiny_model)
-        assert_refused(code, events, output, f"127.0.0.1:{first.port}", "in use")
-    finally:
-        assert first.stop() == 0, first.log_text()
+def test_a_second_server_on_the_same_port_refuses_to_start(tiny_model, server_factory):
+    first = server_factory(tiny_model, "--workers-per-device", "1", "--cpu-threads", "1", wait=False)
+    code, events, output = serve("--port", str(first.port), model=tiny_model)
+    assert_refused(code, events, output, f"127.0.0.1:{first.port}", "in use")
 
 
 @pytest.mark.parametrize("missing", ["tls_cert", "tls_key"])
@@ -130,23 +130,8 @@ def test_a_tokens_file_without_tokens_fails_closed(tiny_model, tmp_path):
     assert_refused(code, events, output, str(tokens), "holds no token", "authentication off")
 
 
-def test_listening_then_ready(tiny_model):
-    server = start_server(tiny_model, "--workers-per-device", "1", "--cpu-threads", "1", "--metrics-port", "0")
-    try:
-        names = [line["event"] for line in server.lines]
-        assert names.index("listening") < names.index("ready")
-        ready = server.events("ready")[0]
-        assert ready["port"] == server.port
-    finally:
-        assert server.stop() == 0, server.log_text()
-
-
-def test_a_free_port_is_taken_as_given(tiny_model):
-    port = free_port()
-    server = start_server(
-        tiny_model, "--workers-per-device", "1", "--cpu-threads", "1", "--port", str(port), wait=False
-    )
-    try:
-        assert server.port == port
-    finally:
-        assert server.stop() == 0, server.log_text()
+def test_listening_then_ready(tiny_model, server_factory):
+    server = server_factory(tiny_model, "--workers-per-device", "1", "--cpu-threads", "1", "--metrics-port", "0")
+    names = [line["event"] for line in server.lines]
+    assert names.index("listening") < names.index("ready")
+    assert server.events("ready")[0]["port"] == server.port
