@@ -1,5 +1,5 @@
 """Prometheus metrics: names and labels follow Prometheus conventions (base
-units, `_total` counters, `_seconds` durations). README's "Operating" section
+units, `_total` counters, `_seconds` durations). docs/operating.md's Metrics section
 lists them with what to watch."""
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ def test_close_to_fp32(tiny_model, reference, precision):
     assert len(PAIRS) == 200
     assert spearman(logits, fp32) >= least_spearman
     assert (logits - fp32).abs().max() <= most_error
-    # scores still spread: a quantized head would flatten them (FACTS.md)
+    # scores still spread: a quantized head would flatten them (docs/scoring.md#fact-keep-the-head-in-full-precision)
     assert logits.std() > 0.5 * fp32.std()
     separated = (fp32[:, None] - fp32[None, :]) > margin
     assert separated.sum() > 100

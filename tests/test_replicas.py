@@ -1,5 +1,5 @@
 """Several replicas: three real servers on loopback (one CPU worker each, the tiny
-model), reached the two ways README.md (Scaling out) recommends: the Python client's
+model), reached the two ways docs/scaling-out.md recommends: the Python client's
 round_robin over every address, and Envoy with deploy/envoy/envoy.yaml. Each
 replica's own Prometheus counters say who served what.
 

@@ -5,7 +5,7 @@ The card runs the whole causal LM and reads the vocabulary-sized logits of the
 last position. The score only needs logit("yes") - logit("no") there, so this
 runs the transformer body, applies the final norm to the last real token of each
 row, and multiplies by the two output rows, kept in float32 whatever the
-weights' precision (a quantized head flattens every score; see FACTS.md).
+weights' precision (a quantized head flattens every score; see docs/scoring.md#fact-keep-the-head-in-full-precision).
 
 Rows are padded on the right: every row then has positions 0..n-1, exactly as
 when scored alone, and padding never changes a score.
