@@ -105,7 +105,7 @@ def test_max_tokens_per_doc_cuts_each_document(stub, recipe, tiny_model):
     long_document = "Paris is the capital of France. " * 40
     whole = stub.Rerank(pb.RerankRequest(query=QUERY, documents=[long_document]), timeout=60).results[0]
     roomy = stub.Rerank(pb.RerankRequest(query=QUERY, documents=[long_document], max_tokens_per_doc=1000), timeout=60)
-    assert roomy.results[0].logit == whole.logit and not roomy.results[0].truncated
+    assert roomy.results[0].logit == pytest.approx(whole.logit, abs=1e-5) and not roomy.results[0].truncated
     cut = stub.Rerank(pb.RerankRequest(query=QUERY, documents=[long_document], max_tokens_per_doc=20), timeout=60)
     result = cut.results[0]
     assert result.truncated and cut.usage.truncated_documents == 1
@@ -165,8 +165,10 @@ def test_rerank_many_answers_every_request(stub):
         alone = stub.Rerank(pb.RerankRequest(query=query, documents=documents), timeout=60)
         got = answers[f"m-{i}"]
         assert not got.HasField("error")
-        assert [r.index for r in got.results] == [r.index for r in alone.results]
-        assert [r.logit for r in got.results] == pytest.approx([r.logit for r in alone.results], abs=1e-5)
+        # separate calls are batched differently: equal within float noise, each ranked best first
+        logits = {r.index: r.logit for r in got.results}
+        assert logits == pytest.approx({r.index: r.logit for r in alone.results}, abs=1e-5)
+        assert [r.logit for r in got.results] == sorted(logits.values(), reverse=True)
 
 
 def test_rerank_many_reports_a_bad_request_and_goes_on(stub):
