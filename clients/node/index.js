@@ -159,7 +159,7 @@ class RerankerClient {
    * @param {string[]} documents
    * @param {object} [options] instruction, topN, returnDocuments, requestId,
    *   priority ('PRIORITY_INTERACTIVE' | 'PRIORITY_BATCH'), truncation
-   *   ('TRUNCATION_END' | 'TRUNCATION_NONE'), timeoutMs
+   *   ('TRUNCATION_END' | 'TRUNCATION_NONE'), maxTokensPerDoc, timeoutMs
    * @returns {Promise<object>} RerankResponse: { requestId, results: [{ index, score, logit, document, truncated, tokens }], usage, timing }
    */
   rerank(query, documents, options = {}) {
@@ -192,7 +192,7 @@ class RerankerClient {
   /**
    * Score explicit (query, document) pairs, in input order.
    * @param {Array<[string, string]|{query: string, document: string}>} pairs
-   * @param {object} [options] instruction, requestId, priority, truncation, timeoutMs
+   * @param {object} [options] instruction, requestId, priority, truncation, maxTokensPerDoc, timeoutMs
    * @returns {Promise<object>} ScoreResponse: { requestId, results, usage, timing }
    */
   score(pairs, options = {}) {
