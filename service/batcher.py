@@ -180,7 +180,7 @@ class Batcher:
         job.admit(now)
         self.jobs[job.id] = job
         self._metrics.pairs_admitted.inc(len(job.pairs))
-        job._future.add_done_callback(lambda _: self.jobs.pop(job.id, None))
+        job.when_done(lambda: self.jobs.pop(job.id, None))
         for index in range(len(job.pairs)):
             item = QueuedPair(job, index, next(self._seq), now)
             job.items.append(item)

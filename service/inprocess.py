@@ -27,19 +27,18 @@ class ThreadLauncher:
 
     def launch(self, spec: WorkerSpec) -> _ThreadHandle:
         ours, theirs = socket.socketpair()
-        handle = _ThreadHandle(ours)
-        handle.thread = threading.Thread(
-            target=handle.run, args=(theirs, spec, self._load), name=f"worker-{spec.worker_id}", daemon=True
-        )
+        handle = _ThreadHandle(ours, theirs, spec, self._load)
         handle.thread.start()
         return handle
 
 
 class _ThreadHandle:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, theirs: socket.socket, spec: WorkerSpec, load) -> None:
         self.sock = sock
-        self.thread: threading.Thread | None = None
         self.outcome: str | None = None
+        self.thread = threading.Thread(
+            target=self.run, args=(theirs, spec, load), name=f"worker-{spec.worker_id}", daemon=True
+        )
 
     def run(self, theirs: socket.socket, spec: WorkerSpec, load: Callable[[WorkerSpec], Loaded] | None) -> None:
         try:

@@ -143,10 +143,10 @@ class WorkerPool:
         self._batches_in_flight = batches_in_flight
         self._batch_timeout = batch_timeout_s
         self._launcher = launcher or ProcessLauncher()
-        self._sink: BatchSink | None = None
+        self._sink: BatchSink  # set by start()
+        self._first_load: asyncio.Future[None]  # set by start()
         self._on_change: Callable[[], None] = lambda: None
         self._tasks: list[asyncio.Task] = []
-        self._first_load: asyncio.Future[None] | None = None
         self._stopping = False
 
     # -- what the batcher sees ---------------------------------------------------------
@@ -168,6 +168,7 @@ class WorkerPool:
         if not worker.in_flight:
             worker.busy_since = asyncio.get_running_loop().time()
         worker.in_flight[batch.id] = batch
+        assert worker.writer is not None, "a ready worker has a channel"
         worker.writer.write(protocol.frame(protocol.ScoreBatch.from_pairs(batch.id, (i.pair for i in batch.items))))
         self._rearm(worker)
 
@@ -377,7 +378,7 @@ def worker_specs(base: WorkerSpec, devices: list[str], per_device: int, cpu_thre
     """One spec per worker; CPU workers share the machine's cores between them."""
     cpu_workers = per_device * devices.count("cpu")
     threads = cpu_threads or max(1, (os.cpu_count() or 1) // max(1, cpu_workers))
-    specs = []
+    specs: list[WorkerSpec] = []
     for device in devices:
         for _ in range(per_device):
             specs.append(replace(base, worker_id=len(specs), device=device, threads=threads if device == "cpu" else 0))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from service.work import Job
@@ -39,12 +39,12 @@ class Tracing:
         )
         self._tracer = self._provider.get_tracer("reranker")
 
-    def attach(self, metadata: Iterable[tuple[str, str]] | None) -> object:
+    def attach(self, metadata: Iterable[tuple[str, str]] | None) -> Any:
         """Make the caller's trace (if any) the current context; returns a token for `detach`."""
         carrier = {key: value for key, value in metadata or ()}
         return self._context.attach(self._propagate.extract(carrier))
 
-    def detach(self, token: object) -> None:
+    def detach(self, token: Any) -> None:
         self._context.detach(token)
 
     def record(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -59,6 +59,10 @@ class Job:
         self._progress = asyncio.Queue() if self.stream else None
         self.admitted_at = self.started_at = now
 
+    def when_done(self, callback: Callable[[], object]) -> None:
+        assert self._future is not None, "the job was not admitted"
+        self._future.add_done_callback(lambda _: callback())
+
     @property
     def done(self) -> bool:
         return self._future is not None and self._future.done()
@@ -69,11 +73,13 @@ class Job:
         Shielded: if the caller is cancelled, the job stays unresolved until the
         batcher's `cancel` has taken its pairs out of the queue.
         """
+        assert self._future is not None, "the job was not admitted"
         await asyncio.shield(self._future)
 
     async def scored_batches(self) -> AsyncIterator[list[int]]:
         """The request indices scored by each batch, as batches complete; then
         raises how the job failed, if it did."""
+        assert self._future is not None and self._progress is not None, "a stream job was not admitted"
         while not (self.done and self._progress.empty()):
             indices = await self._progress.get()
             if indices:

@@ -49,7 +49,7 @@ def build_tiny_model(
         num_key_value_heads=2,
         head_dim=hidden_size // 4,
         max_position_embeddings=40960,
-        rope_theta=1_000_000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
         tie_word_embeddings=tie_word_embeddings,
         # Large enough weights that scores spread over (0, 1) instead of all sitting near 0.5.
         initializer_range=0.2,

@@ -18,12 +18,13 @@ LOG_FORMATS = ("auto", "json", "console")
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     if log_format == "auto":
         log_format = "console" if sys.stderr.isatty() else "json"
-    shared = [
+    shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    render: list[structlog.typing.Processor]
     if log_format == "json":
         render = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:

@@ -153,7 +153,7 @@ class PromptEncoder:
 
 def answer_token_ids(tokenizer: Tokenizer) -> tuple[int, int]:
     """The ids of "yes" and "no" in this checkpoint's vocabulary."""
-    ids = tokenizer.token_to_id("yes"), tokenizer.token_to_id("no")
-    if None in ids:
+    yes, no = tokenizer.token_to_id("yes"), tokenizer.token_to_id("no")
+    if yes is None or no is None:
         raise ValueError('the tokenizer has no single token "yes" or "no": not a Qwen3-Reranker checkpoint')
-    return ids
+    return yes, no

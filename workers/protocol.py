@@ -16,7 +16,7 @@ import json
 import socket
 import struct
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -177,7 +177,7 @@ class WorkerLoadFailed:
 
 Message = ScoreBatch | Shutdown | BatchScores | BatchFailed | WorkerReady | WorkerLoadFailed
 
-_DECODERS = {
+_DECODERS: dict[Kind, Callable[[bytes], Message]] = {
     Kind.SCORE: ScoreBatch.decode,
     Kind.SHUTDOWN: lambda frame: Shutdown(),
     Kind.READY: WorkerReady.decode,

@@ -144,8 +144,8 @@ def rerank_request(
         top_n=top_n,
         return_documents=return_documents,
         request_id=request_id,
-        priority=priority,
-        truncation=truncation,
+        priority=pb.Priority.Name(priority),
+        truncation=pb.Truncation.Name(truncation),
         max_tokens_per_doc=max_tokens_per_doc,
     )
 
@@ -163,8 +163,8 @@ def score_request(
         pairs=[pb.Pair(query=query, document=document) for query, document in pairs],
         instruction=instruction,
         request_id=request_id,
-        priority=priority,
-        truncation=truncation,
+        priority=pb.Priority.Name(priority),
+        truncation=pb.Truncation.Name(truncation),
         max_tokens_per_doc=max_tokens_per_doc,
     )
 
