@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -24,6 +23,7 @@ from service.errors import (
 )
 from service.limits import CallLimit
 from service.metrics import Metrics
+from service.tokens import BearerTokens
 from service.tracing import Tracing
 
 log = structlog.get_logger("rpc")
@@ -144,7 +144,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
     @contextlib.asynccontextmanager
     async def _observe(self, rpc: str, context: grpc.aio.ServicerContext):
         structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(rpc=rpc)
+        structlog.contextvars.bind_contextvars(rpc=rpc, transport="grpc")
         start = time.perf_counter()
         code, reason = grpc.StatusCode.OK, None
         trace = self._tracing.attach(context.invocation_metadata()) if self._tracing else None
@@ -174,8 +174,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
             if trace is not None:
                 self._tracing.detach(trace)
             seconds = time.perf_counter() - start
-            self._metrics.requests.labels(rpc, code.name).inc()
-            self._metrics.request_seconds.labels(rpc).observe(seconds)
+            self._metrics.call_finished("grpc", rpc, code.name, seconds)
             if reason is None:
                 log.info("rpc", code=code.name, ms=round(1000 * seconds, 2))
             else:
@@ -187,16 +186,10 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     Health checks are exempt so that orchestrators can probe."""
 
     def __init__(self, tokens: Sequence[str]) -> None:
-        self._tokens = [token.encode() for token in tokens]
+        self._tokens = BearerTokens(tokens)
 
     def _accepts(self, metadata: Sequence[tuple[str, str]] | None) -> bool:
-        presented = next((value for key, value in metadata or () if key == "authorization"), "")
-        scheme, _, token = presented.partition(" ")
-        candidate = token.strip().encode() if scheme.lower() == "bearer" else b""
-        accepted = False
-        for known in self._tokens:  # no early exit: the time taken does not depend on which matched
-            accepted |= hmac.compare_digest(candidate, known)
-        return accepted
+        return self._tokens.accepts(next((value for key, value in metadata or () if key == "authorization"), ""))
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
