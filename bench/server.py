@@ -169,12 +169,22 @@ def start_server(
     model, *args: str, env: dict | None = None, wait: bool = True, entry: tuple[str, ...] = ("service", "serve")
 ) -> Server:
     """`python -m service serve --model MODEL ... ARGS` on 127.0.0.1 (free gRPC, HTTP and
-    metrics ports), CPU workers, JSON logs; returns once it listens and, with `wait`, once it
-    is SERVING. `entry` names another module to run (with its arguments) in
+    metrics ports), CPU workers, JSON logs, unless ARGS set those flags; returns once it
+    listens and, with `wait`, once it is SERVING. `entry` names another module to run (with its arguments) in
     place of `service serve`, for servers with other workers."""
-    command = [sys.executable, "-m", *entry, "--model", str(model), "--host", "127.0.0.1", "--port", "0"]
-    command += ["--metrics-port", str(free_port()), "--http-port", str(free_port())]
-    command += ["--device", "cpu", "--log-format", "json", *args]
+    defaults = {
+        "--host": "127.0.0.1",
+        "--port": "0",
+        "--metrics-port": str(free_port()),
+        "--http-port": str(free_port()),
+        "--device": "cpu",
+        "--log-format": "json",
+    }
+    # Each flag once (the command refuses a flag given twice): `args` wins over the defaults.
+    given = {arg.split("=", 1)[0] for arg in args if arg.startswith("--")}
+    command = [sys.executable, "-m", *entry, "--model", str(model)]
+    command += [part for flag, value in defaults.items() if flag not in given for part in (flag, value)]
+    command += args
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(
         command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -21,8 +21,22 @@ def serve(*args: str, model=None, env: dict | None = None) -> tuple[int, list[di
     """Run `reranker serve` to its end; returns its exit code, its JSON log
     events and its raw output. Fails if a process it started outlives it."""
     marker = uuid.uuid4().hex
-    command = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--device", "cpu"]
-    command += ["--log-format", "json", "--port", "0", "--metrics-port", "0"]
+    command = [
+        sys.executable,
+        "-m",
+        "service",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--device",
+        "cpu",
+        "--log-format",
+        "json",
+    ]
+    given = set(args)  # each flag once: the command refuses a flag given twice
+    command += [
+        part for flag in ("--port", "--metrics-port", "--http-port") if flag not in given for part in (flag, "0")
+    ]
     if model is not None:
         command += ["--model", str(model)]
     environment = {**os.environ, "RERANKER_TEST_MARKER": marker, **(env or {})}
@@ -95,6 +109,15 @@ def test_a_metrics_port_in_use_is_named(tiny_model):
         port = holder.getsockname()[1]
         code, events, output = serve("--metrics-port", str(port), model=tiny_model)
     assert_refused(code, events, output, f"127.0.0.1:{port}", "--metrics-port")
+
+
+def test_an_http_port_in_use_is_named(tiny_model):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        code, events, output = serve("--http-port", str(port), model=tiny_model)
+    assert_refused(code, events, output, f"127.0.0.1:{port}", "--http-port")
 
 
 def test_a_second_server_on_the_same_port_refuses_to_start(tiny_model):
