@@ -129,19 +129,32 @@ class Envoy:
     def start(cls, servers: list[Server], directory: pathlib.Path) -> Envoy:
         with open(ENVOY_CONFIG) as handle:
             config = yaml.safe_load(handle)
-        port, admin_port = free_port(), free_port()
+        admin_port = free_port()
         config["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin_port}
-        listener = config["static_resources"]["listeners"][0]
-        listener["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": port}
-        cluster = config["static_resources"]["clusters"][0]
-        cluster["load_assignment"]["endpoints"] = [
-            {
-                "lb_endpoints": [
-                    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": s.port}}}}
-                    for s in servers
-                ]
-            }
-        ]
+        ports = {}
+        for listener in config["static_resources"]["listeners"]:  # gRPC, then HTTP
+            ports[listener["name"]] = free_port()
+            listener["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": ports[listener["name"]]}
+        port_of = {"reranker": lambda server: server.port, "reranker_http": lambda server: server.http_port}
+        for cluster in config["static_resources"]["clusters"]:
+            cluster["load_assignment"]["endpoints"] = [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {
+                                        "address": "127.0.0.1",
+                                        "port_value": port_of[cluster["name"]](s),
+                                    }
+                                }
+                            }
+                        }
+                        for s in servers
+                    ]
+                }
+            ]
+        port = ports["grpc"]
         path = directory / "envoy.yaml"
         path.write_text(yaml.safe_dump(config))
         log_path = directory / "envoy.log"
