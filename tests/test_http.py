@@ -423,6 +423,24 @@ def test_a_client_that_leaves_a_stream_cancels_its_queued_rest(tiny_model):
     run(scenario)
 
 
+def test_an_error_after_the_first_event_ends_the_stream_with_an_error_event(tiny_model):
+    async def scenario():
+        load = Load(delay_s=0.1, per_worker=((0, (("die_on", frozenset({3})),)),))
+        async with running(tiny_model, load, http_port=free_port(), **SLOW) as app, http_client(app) as client:
+            async with client.stream("POST", "/v1/rerank", json=body(40, stream=True)) as answer:
+                assert answer.status_code == 200
+                events = events_of((await answer.aread()).decode())
+            # batches 1 and 2 were scored; the only worker died on batch 3
+            names = [name for name, _ in events]
+            assert names[0] == "scored" and names[-1] == "error" and "final" not in names
+            assert events[-1][1]["code"] == "UNAVAILABLE" and "worker" in events[-1][1]["message"]
+            rpc = "/v1/rerank:stream"
+            assert metric(app, "reranker_requests_total", transport="http", rpc=rpc, code="UNAVAILABLE") == 1
+            await until(lambda: settled(app), "every pair accounted for")
+
+    run(scenario)
+
+
 def test_a_client_that_leaves_a_call_cancels_it(tiny_model):
     async def scenario():
         async with running(tiny_model, Load(delay_s=0.1), http_port=free_port(), **SLOW) as app:
