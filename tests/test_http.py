@@ -17,6 +17,7 @@ import json
 import cohere
 import httpx
 import numpy as np
+import openapi_spec_validator
 import pytest
 from langchain_cohere import CohereRerank
 from langchain_core.documents import Document
@@ -193,6 +194,8 @@ def test_log_lines_and_metrics_name_the_transport(http, server):
 def test_the_openapi_document_and_the_docs_pages_are_local(server):
     with httpx.Client(base_url=server.http_url, timeout=30) as anonymous:
         document = anonymous.get("/openapi.json").json()
+        openapi_spec_validator.validate(document)  # a valid OpenAPI 3.1 document
+        assert document["openapi"].startswith("3.1")
         assert {"/v2/rerank", "/v1/rerank", "/rerank", "/v1/models", "/health", "/ready"} <= set(document["paths"])
         assert "422" not in json.dumps(document["paths"])
         assert set(document["paths"]["/v2/rerank"]["post"]["responses"]) >= {"200", "400", "401", "429", "503", "504"}
