@@ -138,6 +138,8 @@ def make_app(
         version=service.__version__,
         summary="Cohere-, Jina- and text-embeddings-inference-shaped rerank APIs over the same batcher as gRPC.",
         strict_content_type=False,  # a body without a Content-Type is read as JSON (curl -d sends a form's)
+        # The service's own metrics, log line and spans (service.tracing) cover every call, on both ports.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.add_middleware(
         _Front,
