@@ -404,6 +404,23 @@ def test_no_ready_worker_and_draining_are_503s_and_ready_says_so(tiny_model):
     run(scenario)
 
 
+def test_grace_expiry_ends_every_http_call_with_a_503(tiny_model):
+    async def scenario():
+        settings = dict(workers_per_device=1, max_batch_size=2, grace_period_s=0.5)
+        async with running(tiny_model, Load(delay_s=0.3), http_port=free_port(), **settings) as app:
+            async with http_client(app) as client:
+                calls = [client.post("/v2/rerank", json=body(10, f"g{i}")) for i in range(4)]
+                pending = asyncio.ensure_future(asyncio.gather(*calls))
+                await until(lambda: metric(app, "reranker_batches_total") > 0, "work in flight")
+                await app.shutdown(asyncio.Event())
+                answers = await pending
+            for answer in answers:  # 40 pairs need about 6 s; the grace is 0.5 s
+                refusal(answer, 503, "UNAVAILABLE", "shut down")
+            assert metric(app, "reranker_requests_total", transport="http", code="UNAVAILABLE") == 4
+
+    run(scenario)
+
+
 def test_a_client_that_leaves_a_stream_cancels_its_queued_rest(tiny_model):
     async def scenario():
         async with running(tiny_model, Load(delay_s=0.1), http_port=free_port(), **SLOW) as app:
