@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 
 import cohere
 import httpx
@@ -521,7 +522,8 @@ def test_https_with_the_grpc_port_certificate(tiny_model, tmp_path):
     async def scenario():
         async with running(tiny_model, http_port=free_port(), tls_cert=str(cert), tls_key=str(key)) as app:
             url = f"https://127.0.0.1:{app.http.port}"
-            async with httpx.AsyncClient(base_url=url, verify=str(authority), timeout=30) as client:
+            trusted = ssl.create_default_context(cafile=str(authority))
+            async with httpx.AsyncClient(base_url=url, verify=trusted, timeout=30) as client:
                 assert (await client.post("/v2/rerank", json=body(2))).status_code == 200
             async with httpx.AsyncClient(base_url=url.replace("https", "http"), timeout=30) as plain:
                 with pytest.raises(httpx.TransportError):  # plain HTTP to the TLS port
