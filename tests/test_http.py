@@ -509,24 +509,34 @@ def test_no_http_port_when_it_is_zero(tiny_model):
     run(scenario)
 
 
-def test_https_with_the_grpc_port_certificate(tiny_model, tmp_path):
+def test_https_and_mutual_tls_with_the_grpc_port_certificates(tiny_model, tmp_path):
     trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1")
+    issued, client_cert = ca.issue_cert("127.0.0.1"), ca.issue_cert("client.example")
     cert, key, authority = (tmp_path / name for name in ("server.pem", "server.key", "ca.pem"))
     issued.private_key_pem.write_to_path(key)
     for blob in issued.cert_chain_pems:
         blob.write_to_path(cert, append=True)
     ca.cert_pem.write_to_path(authority)
+    trusted = ssl.create_default_context(cafile=str(authority))
+    presenting = ssl.create_default_context(cafile=str(authority))
+    client_cert.configure_cert(presenting)
+    tls = dict(tls_cert=str(cert), tls_key=str(key))
 
     async def scenario():
-        async with running(tiny_model, http_port=free_port(), tls_cert=str(cert), tls_key=str(key)) as app:
+        async with running(tiny_model, http_port=free_port(), **tls) as app:
             url = f"https://127.0.0.1:{app.http.port}"
-            trusted = ssl.create_default_context(cafile=str(authority))
             async with httpx.AsyncClient(base_url=url, verify=trusted, timeout=30) as client:
                 assert (await client.post("/v2/rerank", json=body(2))).status_code == 200
             async with httpx.AsyncClient(base_url=url.replace("https", "http"), timeout=30) as plain:
                 with pytest.raises(httpx.TransportError):  # plain HTTP to the TLS port
                     await plain.get("/health")
+        async with running(tiny_model, http_port=free_port(), tls_client_ca=str(authority), **tls) as app:
+            url = f"https://127.0.0.1:{app.http.port}"
+            async with httpx.AsyncClient(base_url=url, verify=presenting, timeout=30) as client:
+                assert (await client.post("/v2/rerank", json=body(2))).status_code == 200
+            async with httpx.AsyncClient(base_url=url, verify=trusted, timeout=30) as anonymous:
+                with pytest.raises(httpx.TransportError):  # no client certificate
+                    await anonymous.get("/health")
 
     run(scenario)
