@@ -123,7 +123,7 @@ def one_round(server, transport: str, requests, clients: int) -> dict:
 def summary(rounds: list[dict]) -> dict:
     report = {}
     for key in ("pairs_per_s", "p50_ms", "p99_ms", "front_end_cpu_ms_per_request", "client_cpu_ms_per_request"):
-        values = [round[key] for round in rounds]
+        values = [measured[key] for measured in rounds]
         report[key] = statistics.median(values)
         report[key + "_range"] = [min(values), max(values)]
     return report
