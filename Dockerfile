@@ -4,7 +4,7 @@
 # from the network at run time.
 #
 #   docker build -t qwen3-reranker .
-#   docker run --gpus all -p 50051:50051 -p 9400:9400 \
+#   docker run --gpus all -p 50051:50051 -p 8080:8080 -p 9400:9400 \
 #     -v ~/.cache/huggingface:/cache/huggingface \
 #     -e RERANKER_MODEL=Qwen/Qwen3-Reranker-0.6B qwen3-reranker
 #
@@ -54,13 +54,14 @@ ENV HF_HOME=/cache/huggingface \
     HF_HUB_OFFLINE=1 \
     RERANKER_HOST=0.0.0.0 \
     RERANKER_PORT=50051 \
+    RERANKER_HTTP_PORT=8080 \
     RERANKER_METRICS_PORT=9400 \
     RERANKER_LOG_FORMAT=json
 USER 10001:10001
 WORKDIR /home/reranker
 
-# gRPC, and Prometheus /metrics.
-EXPOSE 50051 9400
+# gRPC, HTTP/JSON, and Prometheus /metrics.
+EXPOSE 50051 8080 9400
 
 # The gRPC health protocol, through the image's own CLI (no grpc_health_probe
 # binary). Loading a large model takes minutes: start-period covers it.

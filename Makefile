@@ -1,5 +1,5 @@
 # The two commands a newcomer needs:
-#   make demo   set everything up, then serve a tiny random-weight demo model on :50051
+#   make demo   set everything up, then serve a tiny random-weight demo model on :50051 (gRPC) and :8080 (HTTP)
 #   make test   set everything up, then run the test suite (what CI runs)
 # Both create .venv and install the project into it on first use.
 

@@ -34,10 +34,15 @@ class Server:
     raw: collections.deque = field(default_factory=lambda: collections.deque(maxlen=50_000))
     port: int = 0
     metrics_port: int = 0
+    http_port: int = 0  # 0: HTTP is off
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def channel(self, **options) -> grpc.Channel:
         return grpc.insecure_channel(self.address, options=list(options.items()))
@@ -109,7 +114,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-                raise AssertionError("server did not stop within the timeout after SIGTERM")
+                raise AssertionError("server did not stop within the timeout after SIGTERM") from None
         return self.process.returncode
 
     def log_text(self) -> str:
@@ -163,16 +168,23 @@ def free_port() -> int:
 def start_server(
     model, *args: str, env: dict | None = None, wait: bool = True, entry: tuple[str, ...] = ("service", "serve")
 ) -> Server:
-    """`python -m service serve --model MODEL ... ARGS` on 127.0.0.1 (a free port),
-    CPU workers, JSON logs; returns once it listens and, with `wait`, once it
-    is SERVING. `entry` names another module to run (with its arguments) in
+    """`python -m service serve --model MODEL ... ARGS` on 127.0.0.1 (free gRPC, HTTP and
+    metrics ports), CPU workers, JSON logs, unless ARGS set those flags; returns once it
+    listens and, with `wait`, once it is SERVING. `entry` names another module to run (with its arguments) in
     place of `service serve`, for servers with other workers."""
-    defaults = {"--host": "127.0.0.1", "--port": "0", "--metrics-port": str(free_port()), "--device": "cpu"}
-    defaults["--log-format"] = "json"
-    command = [sys.executable, "-m", *entry, "--model", str(model), *args]
-    for flag, value in defaults.items():
-        if flag not in args:  # a flag may be given once
-            command += [flag, value]
+    defaults = {
+        "--host": "127.0.0.1",
+        "--port": "0",
+        "--metrics-port": str(free_port()),
+        "--http-port": str(free_port()),
+        "--device": "cpu",
+        "--log-format": "json",
+    }
+    # Each flag once (the command refuses a flag given twice): `args` wins over the defaults.
+    given = {arg.split("=", 1)[0] for arg in args if arg.startswith("--")}
+    command = [sys.executable, "-m", *entry, "--model", str(model)]
+    command += [part for flag, value in defaults.items() if flag not in given for part in (flag, value)]
+    command += args
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(
         command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -190,6 +202,8 @@ def start_server(
                 server.port = record["port"]
             if record.get("event") == "metrics_listening":
                 server.metrics_port = record["port"]
+            if record.get("event") == "http_listening":
+                server.http_port = record["port"]
             server.lines.append(record)
 
     threading.Thread(target=pump, daemon=True).start()

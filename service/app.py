@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import ssl
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from reranker.v1 import reranker_pb2_grpc
 from service.batcher import Batcher
 from service.calls import Limits, ModelInfo
 from service.errors import Unavailable
+from service.http import HttpServer, make_app
 from service.interceptors import ObservingInterceptor, TokenAuthInterceptor
 from service.limits import CallLimit
 from service.memory import MemoryReleaser
@@ -38,6 +41,7 @@ from service.pool import Launcher, WorkerPool, count_gpus, worker_specs
 from service.ranking import CallLimits, Ranker
 from service.servicer import RerankerServicer
 from service.settings import Settings, parse_devices
+from service.tokens import BearerTokens
 from service.tracing import Tracing
 from workers.checkpoint import Checkpoint, CheckpointNotFound, resolve_checkpoint
 from workers.precision import resolve_precision
@@ -76,6 +80,7 @@ class App:
     port: int  # the bound gRPC port
     metrics_port: int  # the bound metrics port; 0 when off
     stopping: asyncio.Event  # set once shutdown cuts calls short
+    http: HttpServer | None = None  # the HTTP/JSON port; None when off
     _stopped: bool = field(default=False, repr=False)
     _serving: bool = field(default=False, repr=False)
     _health_task: asyncio.Task | None = field(default=None, repr=False)
@@ -89,7 +94,16 @@ class App:
         await _set_health(self.health, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         s = self.settings
+        if self.http is not None:
+            self.http.start()
+            log.info("http_listening", port=self.http.port, host=s.host, tls=s.tls, mutual_tls=bool(s.tls_client_ca))
+        # Last: a launcher that waits for `listening` then knows every port.
         log.info("listening", port=self.port, host=s.host, tls=s.tls, mutual_tls=bool(s.tls_client_ca))
+
+    @property
+    def serving(self) -> bool:
+        """What health says (SERVING), and what GET /ready answers 200 to: a worker is ready, not draining."""
+        return self._serving and not self._stopped
 
     async def ready(self) -> None:
         """Wait for every worker to load; then serve. Raises WorkerLoadError."""
@@ -132,7 +146,7 @@ class App:
         await self.batcher.close(
             Unavailable("the server shut down before this request finished; retry on another replica")
         )
-        await self.server.stop(_FLUSH_SECONDS)
+        await asyncio.gather(self.server.stop(_FLUSH_SECONDS), *([self.http.stop()] if self.http else []))
         await self.pool.stop()
         if self._memory_task is not None:
             self._memory_task.cancel()
@@ -202,11 +216,33 @@ def build(settings: Settings, launcher: Launcher | None = None) -> App:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, _HEALTH_NAME, reflection.SERVICE_NAME], server)
     port = _bind(server, settings, credentials)
-    metrics_port = _serve_metrics(metrics, settings) if settings.metrics_port else 0
-    return App(
-        settings, checkpoint, encoder, metrics, pool, batcher, ranker, server, health_servicer, tokenizers, calls,
-        memory, tracing, port, metrics_port, stopping,
-    )  # fmt: skip
+    listener = _listen_http(settings) if settings.http_port else None
+    try:
+        metrics_port = _serve_metrics(metrics, settings) if settings.metrics_port else 0
+        app = App(
+            settings, checkpoint, encoder, metrics, pool, batcher, ranker, server, health_servicer, tokenizers, calls,
+            memory, tracing, port, metrics_port, stopping,
+        )  # fmt: skip
+        if listener is not None:
+            http_app = make_app(
+                ranker,
+                model_id=checkpoint.model_id,
+                max_length=settings.max_length,
+                metrics=metrics,
+                calls=calls,
+                stopping=stopping,
+                tokens=BearerTokens(tokens) if tokens else None,
+                tracing=tracing,
+                max_body_bytes=settings.max_message_bytes,
+                default_timeout_s=settings.http_default_timeout_s,
+                ready=lambda: app.serving,
+            )
+            app.http = _http_server(http_app, listener, settings)
+    except BaseException:
+        if listener is not None:
+            listener.close()
+        raise
+    return app
 
 
 # -- start-up checks, each failing with one clear message ----------------------------------
@@ -288,6 +324,29 @@ def _bind(server: grpc.aio.Server, settings: Settings, credentials: grpc.ServerC
         raise StartupError(
             f"cannot listen on {address} (--host/--port): the port is in use or the address is not this machine's"
         ) from None
+
+
+def _listen_http(settings: Settings) -> socket.socket:
+    try:
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        return socket.create_server((settings.host, settings.http_port), family=family, backlog=2048)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot listen on {settings.host}:{settings.http_port} (--host/--http-port): {exc.strerror}"
+        ) from None
+
+
+def _http_server(http_app, listener: socket.socket, settings: Settings) -> HttpServer:
+    """uvicorn on the bound socket, with the gRPC port's certificate, key and client CA."""
+    tls = {}
+    if settings.tls:
+        tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
+        if settings.tls_client_ca:
+            tls |= {"ssl_ca_certs": settings.tls_client_ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    try:
+        return HttpServer(http_app, listener, tls, _FLUSH_SECONDS)
+    except (ssl.SSLError, OSError) as exc:
+        raise StartupError(f"tls_cert / tls_key: not a usable certificate and key for HTTPS: {exc}") from None
 
 
 def _serve_metrics(metrics: Metrics, settings: Settings) -> int:

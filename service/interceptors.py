@@ -5,7 +5,6 @@ is bounded, and where bearer tokens are checked."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -24,6 +23,7 @@ from service.errors import (
 from service.limits import CallLimit
 from service.memory import MemoryReleaser
 from service.metrics import Metrics
+from service.tokens import BearerTokens
 from service.tracing import Tracing
 
 log = structlog.get_logger("rpc")
@@ -186,7 +186,7 @@ class _Call:
 
     def __init__(self, interceptor: ObservingInterceptor, rpc: str, context: grpc.aio.ServicerContext) -> None:
         structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(rpc=rpc)
+        structlog.contextvars.bind_contextvars(rpc=rpc, transport="grpc")
         self._interceptor = interceptor
         self._rpc = rpc
         self._context = context
@@ -225,8 +225,7 @@ class _Call:
         if self._trace is not None:
             interceptor._tracing.detach(self._trace)
         seconds = time.perf_counter() - self._start
-        interceptor._metrics.requests.labels(self._rpc, self.code.name).inc()
-        interceptor._metrics.request_seconds.labels(self._rpc).observe(seconds)
+        interceptor._metrics.call_finished("grpc", self._rpc, self.code.name, seconds)
         fields = {"code": self.code.name, "ms": round(1000 * seconds, 2)}
         if self.reason is not None:
             fields["reason"] = self.reason
@@ -238,16 +237,10 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     Health checks are exempt so that orchestrators can probe."""
 
     def __init__(self, tokens: Sequence[str]) -> None:
-        self._tokens = [token.encode() for token in tokens]
+        self._tokens = BearerTokens(tokens)
 
     def _accepts(self, metadata: Sequence[tuple[str, str]] | None) -> bool:
-        presented = next((value for key, value in metadata or () if key == "authorization"), "")
-        scheme, _, token = presented.partition(" ")
-        candidate = token.strip().encode() if scheme.lower() == "bearer" else b""
-        accepted = False
-        for known in self._tokens:  # no early exit: the time taken does not depend on which matched
-            accepted |= hmac.compare_digest(candidate, known)
-        return accepted
+        return self._tokens.accepts(next((value for key, value in metadata or () if key == "authorization"), ""))
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)

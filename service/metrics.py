@@ -18,12 +18,15 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "reranker_requests_total", "Calls finished, by RPC and gRPC status code.", ["rpc", "code"], registry=r
+            "reranker_requests_total",
+            "Calls finished, by transport (grpc, http), RPC or HTTP route, and gRPC status code name.",
+            ["transport", "rpc", "code"],
+            registry=r,
         )
         self.request_seconds = Histogram(
             "reranker_request_duration_seconds",
-            "Time from arrival to answer, by RPC.",
-            ["rpc"],
+            "Time from arrival to answer, by transport and RPC or HTTP route.",
+            ["transport", "rpc"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
@@ -82,6 +85,11 @@ class Metrics:
             ["worker"],
             registry=r,
         )
+
+    def call_finished(self, transport: str, rpc: str, code: str, seconds: float) -> None:
+        """Count one finished call: the same series for every transport."""
+        self.requests.labels(transport, rpc, code).inc()
+        self.request_seconds.labels(transport, rpc).observe(seconds)
 
     def serve(self, port: int, host: str) -> int:
         """Expose /metrics over HTTP from a background thread; returns the bound port."""

@@ -40,11 +40,19 @@ class Settings:
     # The network
     host: str = _setting("0.0.0.0", "address to listen on")
     port: int = _setting(50051, "gRPC port (0 picks a free one and logs it)")
+    http_port: int = _setting(
+        8080, "HTTP/JSON port: the Cohere-, Jina- and TEI-shaped rerank APIs, /health, /ready, /docs (0 turns it off)"
+    )
+    http_default_timeout_s: float = _setting(
+        0.0,
+        "deadline of an HTTP call that sets none (no `timeout` field, no X-Request-Timeout header); "
+        "0: none, as for a gRPC call without a deadline",
+    )
     metrics_port: int = _setting(9400, "Prometheus metrics port (0 turns the endpoint off)")
     metrics_host: str = _setting(
         "", "address the metrics endpoint listens on (empty: the same as --host); it has no authentication"
     )
-    max_message_bytes: int = _setting(16 * 1024 * 1024, "largest request message")
+    max_message_bytes: int = _setting(16 * 1024 * 1024, "largest request message (gRPC) or body (HTTP)")
     max_concurrent_rpcs: int = _setting(
         1024, "calls served at once; more are refused with RESOURCE_EXHAUSTED (health checks are never refused)"
     )
@@ -55,7 +63,8 @@ class Settings:
     max_batch_size: int = _setting(256, "rows per batch")
     min_padding_efficiency: float = _setting(
         0.9,
-        "real tokens over padded tokens a batch must keep; pairs of very different lengths go to different batches (0: no bound)",
+        "real tokens over padded tokens a batch must keep; pairs of very different lengths go to different batches "
+        "(0: no bound)",
     )
     max_wait_ms: float = _setting(2.0, "longest a partly filled batch waits for more work while a worker is free")
     batches_in_flight: int = _setting(2, "batches queued on each worker, so that it never idles between batches")
@@ -88,7 +97,8 @@ class Settings:
     # Tracing
     otlp_endpoint: str = _setting(
         "",
-        "OpenTelemetry: send a trace per request over OTLP/gRPC to this endpoint, e.g. http://otel-collector:4317 (empty: off)",
+        "OpenTelemetry: send a trace per request over OTLP/gRPC to this endpoint, e.g. http://otel-collector:4317 "
+        "(empty: off)",
     )
     # Logging
     log_format: str = _setting("auto", "json, console, or auto (console on a terminal)", choices=LOG_FORMATS)
@@ -121,16 +131,19 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 yield f"{name} must be at least 1, got {getattr(self, name)}"
-        for name in ("port", "metrics_port"):
+        for name in ("port", "http_port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 yield f"{name} must be a port number (0..65535), got {getattr(self, name)}"
         if self.max_batch_tokens < self.max_length:
             yield f"max_batch_tokens ({self.max_batch_tokens}) must hold one pair of max_length ({self.max_length})"
         if self.max_queue_pairs < self.max_documents_per_request:
-            yield f"max_queue_pairs ({self.max_queue_pairs}) must hold one full request ({self.max_documents_per_request} documents)"
+            yield (
+                f"max_queue_pairs ({self.max_queue_pairs}) must hold one full request "
+                f"({self.max_documents_per_request} documents)"
+            )
         if not 0 <= self.min_padding_efficiency <= 1:
             yield f"min_padding_efficiency must lie in [0, 1], got {self.min_padding_efficiency}"
-        for name in ("max_wait_ms", "grace_period_s", "batch_timeout_s"):
+        for name in ("max_wait_ms", "grace_period_s", "batch_timeout_s", "http_default_timeout_s"):
             if not getattr(self, name) >= 0:
                 yield f"{name} must be >= 0, got {getattr(self, name)}"
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -24,8 +24,11 @@ OUTCOMES = ("scored", "discarded", "cancelled", "expired", "failed")
 
 @contextlib.asynccontextmanager
 async def running(model, load: Load | None = None, **settings) -> AsyncIterator[App]:
-    """A ready App with `settings` (Settings' field names) on 127.0.0.1; stopped at exit."""
-    defaults = dict(host="127.0.0.1", port=0, metrics_port=0, device="cpu", cpu_threads=1, log_format="json")
+    """A ready App with `settings` (Settings' field names) on 127.0.0.1; stopped at exit. HTTP is
+    off unless a test gives `http_port` (bench.server.free_port())."""
+    defaults = dict(
+        host="127.0.0.1", port=0, http_port=0, metrics_port=0, device="cpu", cpu_threads=1, log_format="json"
+    )
     app = build(Settings(model=str(model), **{**defaults, **settings}), ThreadLauncher(load or Load()))
     await app.start()
     try:

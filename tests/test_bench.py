@@ -75,3 +75,18 @@ def test_workloads_are_seeded_real_text_of_the_sizes_asked(tiny_model):
     assert all(
         abs(n - workloads.LONG_TOKENS) <= 2 for n in workloads.token_counts(tokenizer, list(long.requests[0].documents))
     )
+
+
+def test_http_against_grpc_at_a_tiny_size(tiny_model, tmp_path):
+    """bench.http_vs_grpc reports both transports, and they agree on the logits."""
+    pytest.importorskip("aiohttp", reason="the bench extra: pip install -e '.[bench]'")
+    from bench import http_vs_grpc
+
+    out = tmp_path / "http_vs_grpc.json"
+    sizes = ["--requests", "4", "--documents", "3", "--clients", "2", "--rounds", "1"]
+    report = http_vs_grpc.main(["--model", str(tiny_model), *sizes, "--json", str(out)])
+    assert json.loads(out.read_text()) == report
+    for transport in http_vs_grpc.TRANSPORTS:
+        figures = report[transport]
+        assert figures["pairs_per_s"] > 0 and figures["front_end_cpu_ms_per_request"] >= 0
+    assert report["max_abs_logit_diff"] < 1e-3

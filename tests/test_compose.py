@@ -126,7 +126,7 @@ def test_reranker_services(compose, name, profile, device):
     assert any(volume.endswith(":" + environment["HF_HOME"]) for volume in service["volumes"])
     # The published ports are the ones the server listens on.
     published = {mapping.rsplit(":", 1)[1] for mapping in service["ports"]}
-    assert published == {str(settings.port), str(settings.metrics_port)}
+    assert published == {str(settings.port), str(settings.http_port), str(settings.metrics_port)}
     # The health check speaks the gRPC health protocol to the server's port.
     test = service["healthcheck"]["test"]
     assert test[:3] == ["CMD", "reranker", "health"] and f"127.0.0.1:{settings.port}" in test
@@ -256,9 +256,12 @@ def test_dockerfile():
         i for i, kind in enumerate(kinds) if kind == "RUN"
     )  # nothing runs as root after it
     assert json.loads(arguments["ENTRYPOINT"]) == ["reranker"] and json.loads(arguments["CMD"]) == ["serve"]
-    assert set(arguments["EXPOSE"].split()) == {"50051", "9400"}
     assert "reranker health" in arguments["HEALTHCHECK"]
     environment = " ".join(value for kind, value in instructions if kind == "ENV")
     for name in re.findall(r"\b(RERANKER_[A-Z0-9_]+)=", environment):
         assert name in SETTINGS, f"{name} is not a setting"
     assert "HF_HOME=/cache/huggingface" in environment
+    # The image exposes the ports it listens on: gRPC, HTTP, metrics.
+    variables = dict(re.findall(r"\b(RERANKER_[A-Z0-9_]+)=(\S+)", environment))
+    ports = {variables[name] for name in ("RERANKER_PORT", "RERANKER_HTTP_PORT", "RERANKER_METRICS_PORT")}
+    assert set(arguments["EXPOSE"].split()) == ports == {"50051", "8080", "9400"}

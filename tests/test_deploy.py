@@ -134,6 +134,7 @@ def test_the_configmap_is_settings_the_server_accepts():
     assert {key for key in CONFIG if key.startswith(ENV_PREFIX)} <= known
     settings = build_settings(environ=CONFIG)
     assert settings.port == container_port("grpc") == 50051
+    assert settings.http_port == container_port("http") == 8080
     assert settings.metrics_port == container_port("metrics") == 9400
     assert not settings.tls  # kubelet's gRPC probes speak plaintext only (kubernetes #128365)
     assert POD["metadata"]["annotations"]["prometheus.io/port"] == str(settings.metrics_port)
@@ -180,6 +181,8 @@ def test_services_headless_for_clients_and_clusterip_for_a_proxy():
         grpc_port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
         assert grpc_port["port"] == 50051 and named_ports[grpc_port["targetPort"]] == 50051
         assert grpc_port["appProtocol"] == "kubernetes.io/h2c"
+        http_port = next(p for p in service["spec"]["ports"] if p["name"] == "http")
+        assert http_port["port"] == 8080 and named_ports[http_port["targetPort"]] == int(CONFIG["RERANKER_HTTP_PORT"])
     assert DEPLOYMENT["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
@@ -311,10 +314,19 @@ def test_envoy_rejects_a_broken_configuration(tmp_path):
     assert result.returncode != 0 and "LEAST_REQUESTS" in result.stdout + result.stderr
 
 
-def test_envoy_balances_grpc_calls_over_every_healthy_replica():
+def envoy_config() -> tuple[dict, dict]:
+    """Envoy's listeners and clusters, by name."""
     with open(ENVOY) as handle:
-        config = yaml.safe_load(handle)
-    (cluster,) = config["static_resources"]["clusters"]
+        resources = yaml.safe_load(handle)["static_resources"]
+    return {item["name"]: item for item in resources["listeners"]}, {
+        item["name"]: item for item in resources["clusters"]
+    }
+
+
+def test_envoy_balances_grpc_calls_over_every_healthy_replica():
+    listeners, clusters = envoy_config()
+    assert set(listeners) == {"grpc", "http"} and set(clusters) == {"reranker", "reranker_http"}
+    cluster = clusters["reranker"]
     assert cluster["type"] == "STRICT_DNS" and cluster["lb_policy"] == "LEAST_REQUEST"
     (locality,) = cluster["load_assignment"]["endpoints"]
     (endpoint,) = locality["lb_endpoints"]
@@ -330,7 +342,7 @@ def test_envoy_balances_grpc_calls_over_every_healthy_replica():
         and outliers["enforcing_consecutive_local_origin_failure"] > 0
     )
     assert cluster["common_lb_config"]["update_merge_window"] == "0s"
-    (listener,) = config["static_resources"]["listeners"]
+    listener = listeners["grpc"]
     assert listener["address"]["socket_address"]["port_value"] == 50051
     (manager,) = listener["filter_chains"][0]["filters"]
     manager = manager["typed_config"]
@@ -344,6 +356,28 @@ def test_envoy_balances_grpc_calls_over_every_healthy_replica():
     assert 1 <= retry["num_retries"] <= 3
     budget = cluster["circuit_breakers"]["thresholds"][0]["retry_budget"]
     assert budget["budget_percent"]["value"] <= 50 and budget["min_retry_concurrency"] >= 3
+
+
+def test_envoy_balances_http_calls_over_every_ready_replica():
+    listeners, clusters = envoy_config()
+    cluster, listener = clusters["reranker_http"], listeners["http"]
+    assert cluster["type"] == "STRICT_DNS" and cluster["lb_policy"] == "LEAST_REQUEST"
+    (locality,) = cluster["load_assignment"]["endpoints"]
+    (endpoint,) = locality["lb_endpoints"]
+    http_port = int(CONFIG["RERANKER_HTTP_PORT"])
+    assert endpoint["endpoint"]["address"]["socket_address"] == {"address": "reranker", "port_value": http_port}
+    assert "typed_extension_protocol_options" not in cluster, "HTTP/1.1 to the replicas, as uvicorn speaks it"
+    (check,) = cluster["health_checks"]
+    assert check["http_health_check"]["path"] == "/ready"
+    assert listener["address"]["socket_address"]["port_value"] == http_port
+    (manager,) = listener["filter_chains"][0]["filters"]
+    manager = manager["typed_config"]
+    assert manager["request_timeout"] == "0s", "Server-Sent Events may last longer than any fixed timeout"
+    (route,) = manager["route_config"]["virtual_hosts"][0]["routes"]
+    assert route["route"]["cluster"] == "reranker_http" and route["route"]["timeout"] == "0s"
+    retry = route["route"]["retry_policy"]
+    assert set(retry["retriable_status_codes"]) == {429, 503} and "retriable-status-codes" in retry["retry_on"]
+    assert 1 <= retry["num_retries"] <= 3
 
 
 # --- Compose ----------------------------------------------------------------------
@@ -366,6 +400,7 @@ def test_the_override_runs_envoy_with_the_checked_configuration():
     assert "./deploy/envoy/envoy.yaml:/etc/envoy/envoy.yaml:ro" in envoy["volumes"]
     assert envoy["command"][envoy["command"].index("-c") + 1] == "/etc/envoy/envoy.yaml"
     assert any(str(port).endswith(":50051") for port in envoy["ports"])
+    assert any(str(port).endswith(":8080") for port in envoy["ports"])
     assert "depends_on" not in envoy, "the replicas are in profiles: a dependency on one profile breaks the other"
 
 

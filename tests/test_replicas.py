@@ -24,6 +24,7 @@ import subprocess
 import threading
 import urllib.request
 
+import httpx
 import pytest
 import yaml
 
@@ -122,26 +123,41 @@ class Envoy:
     only the addresses changed: it listens on loopback, and its cluster lists the
     test's servers instead of the compose DNS name."""
 
-    def __init__(self, process: subprocess.Popen, port: int, admin_port: int, log_path: pathlib.Path) -> None:
-        self.process, self.port, self.admin_port, self.log_path = process, port, admin_port, log_path
+    def __init__(
+        self, process: subprocess.Popen, port: int, http_port: int, admin_port: int, log_path: pathlib.Path
+    ) -> None:
+        self.process, self.port, self.http_port = process, port, http_port
+        self.admin_port, self.log_path = admin_port, log_path
 
     @classmethod
     def start(cls, servers: list[Server], directory: pathlib.Path) -> Envoy:
         with open(ENVOY_CONFIG) as handle:
             config = yaml.safe_load(handle)
-        port, admin_port = free_port(), free_port()
+        admin_port = free_port()
         config["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin_port}
-        listener = config["static_resources"]["listeners"][0]
-        listener["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": port}
-        cluster = config["static_resources"]["clusters"][0]
-        cluster["load_assignment"]["endpoints"] = [
-            {
-                "lb_endpoints": [
-                    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": s.port}}}}
-                    for s in servers
-                ]
-            }
-        ]
+        ports = {}
+        for listener in config["static_resources"]["listeners"]:  # gRPC, then HTTP
+            ports[listener["name"]] = free_port()
+            listener["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": ports[listener["name"]]}
+        port_of = {"reranker": lambda server: server.port, "reranker_http": lambda server: server.http_port}
+        for cluster in config["static_resources"]["clusters"]:
+            cluster["load_assignment"]["endpoints"] = [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {
+                                        "address": "127.0.0.1",
+                                        "port_value": port_of[cluster["name"]](s),
+                                    }
+                                }
+                            }
+                        }
+                        for s in servers
+                    ]
+                }
+            ]
         path = directory / "envoy.yaml"
         path.write_text(yaml.safe_dump(config))
         log_path = directory / "envoy.log"
@@ -160,7 +176,7 @@ class Envoy:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        proxy = cls(process, port, admin_port, log_path)
+        proxy = cls(process, ports["grpc"], ports["http"], admin_port, log_path)
         wait_until(proxy.ready, "Envoy to be ready", DEADLINE)
         return proxy
 
@@ -179,10 +195,11 @@ class Envoy:
         except OSError:
             return False
 
-    def healthy_ports(self) -> set[int]:
-        """Ports of the cluster's hosts that pass Envoy's active gRPC health check."""
+    def healthy_ports(self, name: str = "reranker") -> set[int]:
+        """Ports of the cluster's hosts that pass Envoy's active health check (gRPC's, or
+        GET /ready for reranker_http)."""
         statuses = json.loads(self.admin("/clusters?format=json"))["cluster_statuses"]
-        (cluster,) = [c for c in statuses if c["name"] == "reranker"]
+        (cluster,) = [c for c in statuses if c["name"] == name]
         return {
             host["address"]["socket_address"]["port_value"]
             for host in cluster.get("host_statuses", [])
@@ -282,6 +299,28 @@ def test_envoy_spreads_one_connection_over_every_replica(replicas, envoy):
         "cluster.reranker.upstream_rq_retry", 0
     )
     assert stats["cluster.reranker.upstream_cx_http2_total"] >= 3  # HTTP/2 to each replica
+
+
+def test_envoy_spreads_http_calls_over_every_ready_replica(replicas, envoy):
+    """The HTTP listener: calls on keep-alive connections to Envoy's HTTP port reach every
+    replica's HTTP port, once its GET /ready passes, and each is answered."""
+    calls = 60
+    replicas = alive_replicas(replicas)
+    ports = {s.http_port for s in replicas}
+    wait_until(lambda: envoy.healthy_ports("reranker_http") == ports, "/ready to pass on every replica", DEADLINE)
+
+    def served(server: Server) -> float:
+        return server.metric("reranker_requests_total", transport="http", rpc="/v2/rerank", code="OK")
+
+    before = [served(s) for s in replicas]
+    body = {"query": QUERY, "documents": DOCUMENTS}
+    url = f"http://127.0.0.1:{envoy.http_port}"
+    with httpx.Client(base_url=url, timeout=DEADLINE) as client, concurrent.futures.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda i: client.post("/v2/rerank", json=body), range(calls)))
+    assert [a.status_code for a in answers] == [200] * calls
+    assert all(len(a.json()["results"]) == len(DOCUMENTS) for a in answers)
+    shares = [served(s) - b for s, b in zip(replicas, before, strict=True)]
+    assert sum(shares) == calls and min(shares) > 0, f"calls per replica: {shares}"
 
 
 def _run_and_kill(

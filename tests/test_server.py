@@ -13,6 +13,7 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from bench.server import wait_until
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc
 from tests.reference import Recipe
@@ -291,9 +292,13 @@ def test_logs_carry_no_request_text(server, stub):
     stub.Rerank(pb.RerankRequest(query=SECRET, documents=[SECRET, "x"], request_id="log-check"), timeout=30)
     with pytest.raises(grpc.RpcError):
         stub.Rerank(pb.RerankRequest(query="", documents=[SECRET]), timeout=30)
-    server.wait_for_event("rpc", count=1)
-    lines = [line for line in server.events("rpc") if line.get("request_id") == "log-check"]
-    assert lines and lines[0]["code"] == "OK" and lines[0]["documents"] == 2 and lines[0]["tokens"] > 0
+    # The log line is written after the answer is sent: wait for this call's own line.
+    lines = wait_until(
+        lambda: [line for line in server.events("rpc") if line.get("request_id") == "log-check"],
+        "the call's rpc line",
+        30,
+    )
+    assert lines[0]["code"] == "OK" and lines[0]["documents"] == 2 and lines[0]["tokens"] > 0
     assert SECRET not in server.log_text()
 
 

@@ -22,7 +22,8 @@ def serve(*args: str, model=None, env: dict | None = None) -> tuple[int, list[di
     events and its raw output. Fails if a process it started outlives it."""
     marker = uuid.uuid4().hex
     command = [sys.executable, "-m", "service", "serve", *args]
-    defaults = {"--host": "127.0.0.1", "--device": "cpu", "--log-format": "json", "--port": "0", "--metrics-port": "0"}
+    defaults = {"--host": "127.0.0.1", "--device": "cpu", "--log-format": "json"}
+    defaults |= {"--port": "0", "--metrics-port": "0", "--http-port": "0"}
     for flag, value in defaults.items():
         if flag not in args:  # a flag may be given once
             command += [flag, value]
@@ -98,6 +99,15 @@ def test_a_metrics_port_in_use_is_named(tiny_model):
         port = holder.getsockname()[1]
         code, events, output = serve("--metrics-port", str(port), model=tiny_model)
     assert_refused(code, events, output, f"127.0.0.1:{port}", "--metrics-port")
+
+
+def test_an_http_port_in_use_is_named(tiny_model):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        code, events, output = serve("--http-port", str(port), model=tiny_model)
+    assert_refused(code, events, output, f"127.0.0.1:{port}", "--http-port")
 
 
 def test_a_second_server_on_the_same_port_refuses_to_start(tiny_model, server_factory):
