@@ -236,6 +236,7 @@ def build(settings: Settings, launcher: Launcher | None = None) -> App:
                 max_body_bytes=settings.max_message_bytes,
                 default_timeout_s=settings.http_default_timeout_s,
                 ready=lambda: app.serving,
+                memory=memory,
             )
             app.http = _http_server(http_app, listener, settings)
     except BaseException:

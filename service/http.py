@@ -50,6 +50,7 @@ from service.calls import Answer, CallOptions, RerankCall, Scored, Truncation
 from service.errors import InvalidArgument, NotFound, ServiceError
 from service.interceptors import status_of
 from service.limits import CallLimit
+from service.memory import MemoryReleaser
 from service.metrics import Metrics
 from service.ranking import Ranker
 from service.tokens import BearerTokens
@@ -130,6 +131,7 @@ def make_app(
     max_body_bytes: int,
     default_timeout_s: float,
     ready: Callable[[], bool],
+    memory: MemoryReleaser,
 ) -> FastAPI:
     """The ASGI application of the HTTP port."""
     started = int(time.time())
@@ -149,6 +151,7 @@ def make_app(
         tokens=tokens,
         tracing=tracing,
         max_body_bytes=max_body_bytes,
+        memory=memory,
     )
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _refused)
@@ -408,8 +411,10 @@ class _Front:
         tokens: BearerTokens | None,
         tracing: Tracing | None,
         max_body_bytes: int,
+        memory: MemoryReleaser,
     ) -> None:
         self.app = app
+        self._memory = memory
         self._metrics = metrics
         self._calls = calls
         self._stopping = stopping  # set once shutdown has cut calls short: they end UNAVAILABLE
@@ -489,6 +494,8 @@ class _Front:
             received += len(message.get("body", b""))
             if received > self._max_body_bytes:
                 raise _Refusal(413, "RESOURCE_EXHAUSTED", self._too_large())
+            if not message.get("more_body"):
+                self._memory.saw(received)
             return message
 
         async def send_observed(message: Message) -> None:

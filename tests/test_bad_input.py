@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import grpc
+import httpx
 import pytest
 
 from bench.server import wait_until
@@ -118,6 +119,12 @@ def test_oversized_requests_leave_no_memory_behind(server, stub):
             with pytest.raises(grpc.RpcError) as error:
                 raw(too_many if number % 2 else too_long, timeout=60)
             assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # the same through the HTTP port: 16 MB of JSON, five million empty documents
+    empty_json = b'{"query": "q", "documents": [' + b",".join([b'""'] * 5_000_000) + b"]}"
+    for _ in range(2):
+        answer = httpx.post(f"{server.http_url}/v2/rerank", content=empty_json, timeout=60)
+        assert answer.status_code == 400, answer.text
+        assert "5000000 documents is more than max_documents_per_request=1000" in answer.json()["message"]
     deadline = time.monotonic() + 20
     while rss_bytes(server.process.pid) > before + (64 << 20) and time.monotonic() < deadline:
         time.sleep(0.2)
