@@ -159,17 +159,25 @@ class Batcher:
             raise Unavailable("no worker is ready (the model is loading or a worker is restarting); retry shortly")
         if job.tokens > self._max_queue_tokens:
             raise InvalidArgument(
-                f"the request has {job.tokens} tokens, more than the whole queue holds (max_queue_tokens={self._max_queue_tokens})"
+                f"the request has {job.tokens} tokens, more than the whole queue holds "
+                f"(max_queue_tokens={self._max_queue_tokens})"
+            )
+        if len(job.pairs) > self._max_queue_pairs:
+            raise InvalidArgument(
+                f"the request has {len(job.pairs)} pairs to score, more than the whole queue holds "
+                f"(max_queue_pairs={self._max_queue_pairs})"
             )
         if len(self._queue) + len(job.pairs) > self._max_queue_pairs:
             self._metrics.rejected.labels("queue_pairs").inc()
             raise ResourceExhausted(
-                f"queue full: {len(self._queue)} pairs waiting + {len(job.pairs)} in this request > max_queue_pairs={self._max_queue_pairs}; retry later"
+                f"queue full: {len(self._queue)} pairs waiting + {len(job.pairs)} in this request "
+                f"> max_queue_pairs={self._max_queue_pairs}; retry later"
             )
         if self._queue.tokens + job.tokens > self._max_queue_tokens:
             self._metrics.rejected.labels("queue_tokens").inc()
             raise ResourceExhausted(
-                f"queue full: {self._queue.tokens} tokens waiting + {job.tokens} in this request > max_queue_tokens={self._max_queue_tokens}; retry later"
+                f"queue full: {self._queue.tokens} tokens waiting + {job.tokens} in this request "
+                f"> max_queue_tokens={self._max_queue_tokens}; retry later"
             )
         loop = asyncio.get_running_loop()
         now = loop.time()

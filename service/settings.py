@@ -55,7 +55,8 @@ class Settings:
     max_batch_size: int = _setting(256, "rows per batch")
     min_padding_efficiency: float = _setting(
         0.9,
-        "real tokens over padded tokens a batch must keep; pairs of very different lengths go to different batches (0: no bound)",
+        "real tokens over padded tokens a batch must keep; pairs of very different lengths go to different batches "
+        "(0: no bound)",
     )
     max_wait_ms: float = _setting(2.0, "longest a partly filled batch waits for more work while a worker is free")
     batches_in_flight: int = _setting(2, "batches queued on each worker, so that it never idles between batches")
@@ -67,7 +68,25 @@ class Settings:
     max_documents_per_request: int = _setting(1000, "documents per Rerank request, pairs per Score request")
     max_query_chars: int = _setting(32768, "characters per query, and per instruction")
     max_document_chars: int = _setting(131072, "characters per document")
+    max_windows_per_document: int = _setting(
+        64, "TRUNCATION_CHUNK: windows one document may be split into; more is INVALID_ARGUMENT"
+    )
+    max_windows_per_request: int = _setting(
+        4096,
+        "TRUNCATION_CHUNK: windows one request may score (a document that fits is one); more is INVALID_ARGUMENT",
+    )
     tokenizer_threads: int = _setting(2, "threads that tokenize requests off the event loop")
+    # Long documents and repeated work
+    chunk_overlap_tokens: int = _setting(
+        128,
+        "TRUNCATION_CHUNK: tokens each window repeats from the one before, so that a passage up to that long "
+        "that straddles a cut is whole in one window (at most a quarter of a window)",
+    )
+    score_cache_bytes: int = _setting(
+        64 * 1024 * 1024,
+        "memory for cached results, least recently used dropped first (about 512 bytes a document, whatever its "
+        "length); 0 turns the cache and single flight off",
+    )
     # Lifecycle
     grace_period_s: float = _setting(30.0, "on SIGTERM, how long calls in flight may take to finish")
     batch_timeout_s: float = _setting(
@@ -88,7 +107,8 @@ class Settings:
     # Tracing
     otlp_endpoint: str = _setting(
         "",
-        "OpenTelemetry: send a trace per request over OTLP/gRPC to this endpoint, e.g. http://otel-collector:4317 (empty: off)",
+        "OpenTelemetry: send a trace per request over OTLP/gRPC to this endpoint, e.g. http://otel-collector:4317 "
+        "(empty: off)",
     )
     # Logging
     log_format: str = _setting("auto", "json, console, or auto (console on a terminal)", choices=LOG_FORMATS)
@@ -118,6 +138,8 @@ class Settings:
             "max_concurrent_rpcs",
             "max_concurrent_streams",
             "max_requests_per_stream",
+            "max_windows_per_document",
+            "max_windows_per_request",
         ):
             if getattr(self, name) < 1:
                 yield f"{name} must be at least 1, got {getattr(self, name)}"
@@ -127,7 +149,19 @@ class Settings:
         if self.max_batch_tokens < self.max_length:
             yield f"max_batch_tokens ({self.max_batch_tokens}) must hold one pair of max_length ({self.max_length})"
         if self.max_queue_pairs < self.max_documents_per_request:
-            yield f"max_queue_pairs ({self.max_queue_pairs}) must hold one full request ({self.max_documents_per_request} documents)"
+            yield (
+                f"max_queue_pairs ({self.max_queue_pairs}) must hold one full request "
+                f"({self.max_documents_per_request} documents)"
+            )
+        if self.max_windows_per_request < self.max_documents_per_request:
+            yield (
+                f"max_windows_per_request ({self.max_windows_per_request}) must hold one window per document "
+                f"of a full request ({self.max_documents_per_request} documents)"
+            )
+        if self.chunk_overlap_tokens < 0:
+            yield f"chunk_overlap_tokens must be >= 0, got {self.chunk_overlap_tokens}"
+        if self.score_cache_bytes and self.score_cache_bytes < 1 << 20:
+            yield f"score_cache_bytes must be 0 (off) or at least 1048576 (1 MiB), got {self.score_cache_bytes}"
         if not 0 <= self.min_padding_efficiency <= 1:
             yield f"min_padding_efficiency must lie in [0, 1], got {self.min_padding_efficiency}"
         for name in ("max_wait_ms", "grace_period_s", "batch_timeout_s"):
