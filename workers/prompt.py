@@ -240,8 +240,8 @@ class PromptEncoder:
         count = len(offsets)
         cuts = [0, *(i for i in range(1, count) if offsets[i][0] >= offsets[i - 1][1]), count]
 
-        def at_most(token: int) -> int:  # the last cut at or before `token`
-            return cuts[bisect.bisect_right(cuts, token) - 1]
+        def at_most(token: int) -> int:  # the last cut at or before `token` (0 before the start)
+            return cuts[max(0, bisect.bisect_right(cuts, token) - 1)]
 
         def first_from(token: int) -> int:  # the first cut at or after `token`
             return cuts[bisect.bisect_left(cuts, token)]
