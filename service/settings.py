@@ -160,8 +160,8 @@ class Settings:
             )
         if self.chunk_overlap_tokens < 0:
             yield f"chunk_overlap_tokens must be >= 0, got {self.chunk_overlap_tokens}"
-        if self.score_cache_bytes and self.score_cache_bytes < 1 << 20:
-            yield f"score_cache_bytes must be 0 (off) or at least 1048576 (1 MiB), got {self.score_cache_bytes}"
+        if self.score_cache_bytes and self.score_cache_bytes < 1024:
+            yield f"score_cache_bytes must be 0 (off) or at least 1024 (two entries), got {self.score_cache_bytes}"
         if not 0 <= self.min_padding_efficiency <= 1:
             yield f"min_padding_efficiency must lie in [0, 1], got {self.min_padding_efficiency}"
         for name in ("max_wait_ms", "grace_period_s", "batch_timeout_s"):
