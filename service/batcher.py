@@ -153,8 +153,7 @@ class Batcher:
     def submit(self, job: Job) -> None:
         """Admit a job or refuse it at once; it resolves when it is done. Prefer
         `running`, which also drops the job's work when its caller goes away."""
-        if self._closed:
-            raise Unavailable("the server is shutting down; retry on another replica")
+        self.check_open()
         if not self._workers.ready_count:
             raise Unavailable("no worker is ready (the model is loading or a worker is restarting); retry shortly")
         if job.tokens > self._max_queue_tokens:
@@ -228,6 +227,11 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)  # a crashed loop must not stop shutdown
         for job in list(self.jobs.values()):
             self._end(job, error, "failed")
+
+    def check_open(self) -> None:
+        """Refuse a new call once shutdown has begun, even one the score cache could answer."""
+        if self._closed:
+            raise Unavailable("the server is shutting down; retry on another replica")
 
     def refuse_new_work(self) -> None:
         self._closed = True

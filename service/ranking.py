@@ -309,6 +309,7 @@ class Ranker:
         calls waiting for them."""
         work = _Work(time.perf_counter(), len(pairs))
         self._check(options, pairs)
+        self._batcher.check_open()
         structlog.contextvars.bind_contextvars(request_id=options.request_id, documents=len(pairs))
         loop = asyncio.get_running_loop()
         deadline = None if options.timeout is None else loop.time() + options.timeout

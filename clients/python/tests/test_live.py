@@ -28,6 +28,8 @@ from reranker_client import (
     RerankerError,
     Scored,
     Scores,
+    Span,
+    Truncation,
     rerank_request,
 )
 
@@ -146,6 +148,21 @@ def test_score(client, ranking):
     expected = logits_by_index(ranking.results)
     assert [result.logit for result in scores.results[:4]] == pytest.approx([expected[i] for i in range(4)], abs=1e-5)
     assert scores.usage.documents == 5
+
+
+def test_chunking_scores_a_long_document_whole(client, info):
+    """A document of many max_tokens_per_doc windows: the best window's span, the
+    window count, every window's tokens; the same document cut is a window of one."""
+    long_document = " ".join(DOCS) * 4
+    chunked = client.rerank(QUERY, [DOCS[0], long_document], truncation=Truncation.CHUNK, max_tokens_per_doc=32)
+    result = {r.index: r for r in chunked.results}[1]
+    assert info.limits.max_windows_per_document >= result.windows > 3
+    assert isinstance(result.span, Span) and 0 <= result.span.start < result.span.end <= len(long_document)
+    assert not result.truncated
+    cut = client.rerank(QUERY, [long_document], max_tokens_per_doc=32).results[0]
+    assert cut.truncated and cut.windows == 1 and cut.span.start == 0 and 0 < cut.span.end < len(long_document)
+    assert result.tokens > 3 * cut.tokens
+    assert chunked.usage.tokens == sum(r.tokens for r in chunked.results)
 
 
 def test_model_info(info):
