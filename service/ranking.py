@@ -160,11 +160,11 @@ class _Scoring:
         self, work: _Work, distinct: list[int], windows: list[list[Window]], score_cache: ScoreCache | None
     ) -> None:
         self._work, self._distinct, self._windows, self._cache = work, distinct, windows, score_cache
-        self.owner: list[int] = []  # job pair index -> position in `distinct`
-        self.first: list[int] = []  # position -> its first pair's index
+        self._owner: list[int] = []  # job pair index -> position in `distinct`
+        self._first: list[int] = []  # position -> its first pair's index
         for position, document_windows in enumerate(windows):
-            self.first.append(len(self.owner))
-            self.owner += [position] * len(document_windows)
+            self._first.append(len(self._owner))
+            self._owner += [position] * len(document_windows)
         self._remaining = [len(document_windows) for document_windows in windows]
         self.job: Job | None = None
 
@@ -173,11 +173,11 @@ class _Scoring:
 
     def scored(self, indices: list[int]) -> None:
         for index in indices:
-            position = self.owner[index]
+            position = self._owner[index]
             self._remaining[position] -= 1
             if self._remaining[position]:
                 continue
-            first = self.first[position]
+            first = self._first[position]
             score = _best(self._windows[position], self.job.logits[first : first + len(self._windows[position])])
             distinct = self._distinct[position]
             self._work.resolve(distinct, score, cached=False)
