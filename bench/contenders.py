@@ -289,6 +289,7 @@ def run_service(setup: Setup, requests: Sequence[Request], clients: int) -> Run:
         "--cpu-threads", str(setup.threads), "--max-length", str(setup.max_length),
         "--max-batch-tokens", str(setup.max_batch_tokens), "--max-batch-size", str(setup.max_batch_size),
         "--min-padding-efficiency", str(setup.min_padding_efficiency),
+        "--score-cache-bytes", "0",  # every contender computes every pair, the warm-up's included
     )  # fmt: skip
     try:
         (worker,) = server.worker_pids()

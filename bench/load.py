@@ -5,11 +5,20 @@ and the server's memory (front end + workers, RSS) at the start and the end.
 With several --config values it starts one server per configuration and runs
 the same load against each, side by side, and prints their ratios.
 
+Every request is new (its query carries a serial number), so that the score
+cache answers nothing, unless --repeat-fraction asks for repeats: that share of
+the requests is a request already sent, chosen at random (the same question
+asked again: pagination, retries, several users), so that share of the pairs
+repeats.
+
     # soak an existing server for 10 minutes
     python -m bench.load --target localhost:50051 --duration 600
     # batching on vs off, on the tiny demo model
     python -m bench.load --model models/demo --duration 20 \\
         --config "batched:" --config "unbatched:--max-batch-size 1"
+    # the score cache on vs off, when 30% of the pairs repeat
+    python -m bench.load --model models/demo --duration 20 --repeat-fraction 0.3 \\
+        --config "cache:" --config "no-cache:--score-cache-bytes 0"
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import asyncio
 import collections
 import json
 import os
+import random
 import shlex
 import statistics
 import sys
@@ -48,36 +58,54 @@ def rss_bytes(pid: int) -> int:
 
 
 async def run_load(
-    target: str, duration: float, concurrency: int, documents: int, timeout: float, mean_words: int
+    target: str,
+    duration: float,
+    concurrency: int,
+    documents: int,
+    timeout: float,
+    mean_words: int,
+    repeat_fraction: float = 0.0,
 ) -> dict:
     workload = synthetic_requests(256, documents, seed=1, mean_words=mean_words)
     latencies: list[float] = []
     statuses: collections.Counter = collections.Counter()
-    pairs = tokens = 0
+    pairs = tokens = cached = 0
     stop_at = time.monotonic() + duration
+    sent: list[tuple[str, list[str]]] = []
+    choose = random.Random(2)
+
+    def next_request(number: int) -> tuple[str, list[str]]:
+        """A request already sent (with probability `repeat_fraction`), else a new one."""
+        if sent and choose.random() < repeat_fraction:
+            return choose.choice(sent)
+        query, docs = workload[number % len(workload)]
+        request = (f"{query} #{number}", docs)
+        sent.append(request)
+        return request
 
     async with grpc.aio.insecure_channel(target) as channel:
         stub = reranker_pb2_grpc.RerankerStub(channel)
         await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
 
-        async def client(number: int) -> None:
-            nonlocal pairs, tokens
-            i = number
+        serial = iter(range(1 << 62))
+
+        async def client() -> None:
+            nonlocal pairs, tokens, cached
             while time.monotonic() < stop_at:
-                query, docs = workload[i % len(workload)]
-                i += concurrency
+                query, docs = next_request(next(serial))
                 start = time.perf_counter()
                 try:
                     response = await stub.Rerank(pb.RerankRequest(query=query, documents=docs), timeout=timeout)
                     statuses["OK"] += 1
                     pairs += response.usage.documents
                     tokens += response.usage.tokens
+                    cached += response.usage.cached_documents
                     latencies.append(time.perf_counter() - start)
                 except grpc.aio.AioRpcError as error:
                     statuses[error.code().name] += 1
 
         began = time.perf_counter()
-        await asyncio.gather(*(client(n) for n in range(concurrency)))
+        await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed = time.perf_counter() - began
 
     def p_ms(p: float) -> float:
@@ -89,6 +117,7 @@ async def run_load(
         "by_status": dict(statuses),
         "requests_per_s": round(statuses["OK"] / elapsed, 2),
         "pairs_per_s": round(pairs / elapsed, 1),
+        "cached_fraction": round(cached / pairs, 3) if pairs else 0.0,
         "tokens_per_s": round(tokens / elapsed),
         "p50_ms": p_ms(50),
         "p99_ms": p_ms(99),
@@ -106,14 +135,28 @@ def main(argv=None) -> dict:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--documents", type=int, default=20, help="documents per request")
     parser.add_argument("--mean-words", type=int, default=100)
+    parser.add_argument(
+        "--repeat-fraction", type=float, default=0.0, help="share of requests that repeat one already sent"
+    )
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
 
-    load = lambda target: asyncio.run(
-        run_load(target, args.duration, args.concurrency, args.documents, args.timeout, args.mean_words)
-    )
-    report: dict = {"load": {k: getattr(args, k) for k in ("duration", "concurrency", "documents", "mean_words")}}
+    def load(target):
+        return asyncio.run(
+            run_load(
+                target,
+                args.duration,
+                args.concurrency,
+                args.documents,
+                args.timeout,
+                args.mean_words,
+                args.repeat_fraction,
+            )
+        )
+
+    settings = ("duration", "concurrency", "documents", "mean_words", "repeat_fraction")
+    report: dict = {"load": {k: getattr(args, k) for k in settings}}
     if args.target:
         before = rss_bytes(args.pid) if args.pid else 0
         report["target"] = load(args.target)

@@ -30,6 +30,7 @@ import service
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc
 from service.batcher import Batcher
+from service.cache import ScoreCache
 from service.calls import Limits, ModelInfo
 from service.errors import Unavailable
 from service.http import HttpServer, make_app
@@ -202,8 +203,23 @@ def build(settings: Settings, launcher: Launcher | None = None) -> App:
         max_queue_tokens=settings.max_queue_tokens,
     )
     tokenizers = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
-    limits = CallLimits(settings.max_documents_per_request, settings.max_query_chars, settings.max_document_chars)
-    ranker = Ranker(limits, encoder, batcher, tokenizers, tracing)
+    limits = CallLimits(
+        settings.max_documents_per_request,
+        settings.max_query_chars,
+        settings.max_document_chars,
+        settings.max_windows_per_document,
+        settings.max_windows_per_request,
+    )
+    score_cache = ScoreCache(settings.score_cache_bytes, metrics) if settings.score_cache_bytes else None
+    ranker = Ranker(
+        limits,
+        encoder,
+        batcher,
+        tokenizers,
+        tracing,
+        score_cache=score_cache,
+        chunk_overlap_tokens=settings.chunk_overlap_tokens,
+    )
     health_servicer = health.aio.HealthServicer()
     stopping = asyncio.Event()
     calls = CallLimit(settings.max_concurrent_rpcs, metrics.calls_in_progress)
@@ -388,5 +404,7 @@ def _model_info(settings: Settings, checkpoint: Checkpoint, pool: WorkerPool, en
             max_wait_ms=settings.max_wait_ms,
             max_queue_pairs=settings.max_queue_pairs,
             max_queue_tokens=settings.max_queue_tokens,
+            max_windows_per_document=settings.max_windows_per_document,
+            max_windows_per_request=settings.max_windows_per_request,
         ),
     )

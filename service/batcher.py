@@ -153,23 +153,30 @@ class Batcher:
     def submit(self, job: Job) -> None:
         """Admit a job or refuse it at once; it resolves when it is done. Prefer
         `running`, which also drops the job's work when its caller goes away."""
-        if self._closed:
-            raise Unavailable("the server is shutting down; retry on another replica")
+        self.check_open()
         if not self._workers.ready_count:
             raise Unavailable("no worker is ready (the model is loading or a worker is restarting); retry shortly")
         if job.tokens > self._max_queue_tokens:
             raise InvalidArgument(
-                f"the request has {job.tokens} tokens, more than the whole queue holds (max_queue_tokens={self._max_queue_tokens})"
+                f"the request has {job.tokens} tokens, more than the whole queue holds "
+                f"(max_queue_tokens={self._max_queue_tokens})"
+            )
+        if len(job.pairs) > self._max_queue_pairs:
+            raise InvalidArgument(
+                f"the request has {len(job.pairs)} pairs to score, more than the whole queue holds "
+                f"(max_queue_pairs={self._max_queue_pairs})"
             )
         if len(self._queue) + len(job.pairs) > self._max_queue_pairs:
             self._metrics.rejected.labels("queue_pairs").inc()
             raise ResourceExhausted(
-                f"queue full: {len(self._queue)} pairs waiting + {len(job.pairs)} in this request > max_queue_pairs={self._max_queue_pairs}; retry later"
+                f"queue full: {len(self._queue)} pairs waiting + {len(job.pairs)} in this request "
+                f"> max_queue_pairs={self._max_queue_pairs}; retry later"
             )
         if self._queue.tokens + job.tokens > self._max_queue_tokens:
             self._metrics.rejected.labels("queue_tokens").inc()
             raise ResourceExhausted(
-                f"queue full: {self._queue.tokens} tokens waiting + {job.tokens} in this request > max_queue_tokens={self._max_queue_tokens}; retry later"
+                f"queue full: {self._queue.tokens} tokens waiting + {job.tokens} in this request "
+                f"> max_queue_tokens={self._max_queue_tokens}; retry later"
             )
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -180,7 +187,7 @@ class Batcher:
         job.admit(now)
         self.jobs[job.id] = job
         self._metrics.pairs_admitted.inc(len(job.pairs))
-        job.when_done(lambda: self.jobs.pop(job.id, None))
+        job.watch(lambda: self.jobs.pop(job.id, None))
         for index in range(len(job.pairs)):
             item = QueuedPair(job, index, next(self._seq), now)
             job.items.append(item)
@@ -220,6 +227,11 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)  # a crashed loop must not stop shutdown
         for job in list(self.jobs.values()):
             self._end(job, error, "failed")
+
+    def check_open(self) -> None:
+        """Refuse a new call once shutdown has begun, even one the score cache could answer."""
+        if self._closed:
+            raise Unavailable("the server is shutting down; retry on another replica")
 
     def refuse_new_work(self) -> None:
         self._closed = True

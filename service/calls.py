@@ -17,6 +17,7 @@ from service.work import INTERACTIVE
 class Truncation(enum.Enum):
     END = "end"  # cut the document's end, as the model card does
     NONE = "none"  # refuse a pair that does not fit
+    CHUNK = "chunk"  # score overlapping windows of a document that does not fit; keep the best
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,9 @@ class CallOptions:
     priority: int = INTERACTIVE
     truncation: Truncation = Truncation.END
     timeout: float | None = None  # seconds from arrival; None: no limit of its own
-    max_tokens_per_doc: int | None = None  # document tokens kept (Cohere's name); None: as max_length allows
+    # Document tokens per pair (Cohere's name): kept when cutting, per window when chunking;
+    # None: as many as max_length allows.
+    max_tokens_per_doc: int | None = None
 
 
 @dataclass(frozen=True)
@@ -50,12 +53,28 @@ class ScoreCall:
 
 
 @dataclass(frozen=True, slots=True)
+class DocumentScore:
+    """What scoring one document for one query, under one call's options, gives:
+    what a result carries besides its position, and what the score cache keeps."""
+
+    logit: float  # the best window's logit("yes") - logit("no"), a float32 as the worker computed it
+    truncated: bool  # the end was cut (TRUNCATION_END): not every character was read
+    tokens: int  # every window's pair as the model reads it, prompt included
+    start: int  # the best window's span: document[start:end], in Python string positions (code points)
+    end: int
+    windows: int  # pairs the document was scored in: 1 unless chunked
+
+
+@dataclass(frozen=True, slots=True)
 class Scored:
     index: int  # the document's (or pair's) position in the call
-    logit: float  # logit("yes") - logit("no") at the last token
+    logit: float  # logit("yes") - logit("no") at the last token; the best window's when chunked
     truncated: bool
-    tokens: int  # the pair as the model reads it, prompt included
+    tokens: int  # the pairs as the model reads them, prompt included; every window's when chunked
     document: str | None = None  # only when the call asked for documents back
+    start: int = 0  # the part of the document that earned the score: document[start:end]
+    end: int = 0
+    windows: int = 1
 
     @property
     def score(self) -> float:
@@ -66,9 +85,13 @@ class Scored:
 class Usage:
     documents: int
     # Tokens of every pair as the model reads it, summed over the call's
-    # documents: a duplicate counts though it is computed once.
+    # documents (every window of a chunked one): a duplicate counts though it
+    # is computed once, and a cached document though it is not computed.
     tokens: int
     truncated_documents: int
+    # Documents answered without computing them for this call: from the score
+    # cache, or computed once for another call scoring the same pair at the same time.
+    cached_documents: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,6 +125,8 @@ class Limits:
     max_wait_ms: float
     max_queue_pairs: int
     max_queue_tokens: int
+    max_windows_per_document: int
+    max_windows_per_request: int
 
 
 @dataclass(frozen=True)

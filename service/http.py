@@ -181,7 +181,7 @@ def make_app(
             options=options(
                 request,
                 body,
-                Truncation.NONE if body.truncation == "none" else Truncation.END,
+                Truncation(body.truncation or "end"),
                 priority=BATCH if body.priority == "batch" else INTERACTIVE,
                 max_tokens_per_doc=body.max_tokens_per_doc,
             ),
@@ -297,6 +297,8 @@ def _json(content: object, status: int = 200, headers: dict[str, str] | None = N
 
 def _result(result: Scored) -> dict:
     item = {"index": result.index, "relevance_score": result.score, "logit": result.logit}
+    item |= {"span": {"start": result.start, "end": result.end}, "windows": result.windows}
+    item["truncated"] = result.truncated
     if result.document is not None:
         item["document"] = {"text": result.document}
     return item
@@ -308,7 +310,7 @@ def _cohere_answer(answer: Answer, model_id: str, answer_id: str) -> dict:
         "id": answer_id,
         "model": model_id,
         "results": [_result(result) for result in answer.results],
-        "usage": {"total_tokens": tokens},
+        "usage": {"total_tokens": tokens, "cached_documents": answer.usage.cached_documents},
         "meta": {"api_version": {"version": "2"}, "tokens": {"input_tokens": tokens}},
     }
 

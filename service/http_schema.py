@@ -50,8 +50,10 @@ class RerankRequest(_Shape):
     return_documents: bool = Field(False, description="Return each document's text with its result.")
     max_tokens_per_doc: int | None = Field(None, description="Keep at most this many tokens of each document.")
     instruction: str = Field("", description="Extension: the task instruction (empty: the model card's default).")
-    truncation: Literal["end", "none"] | None = Field(
-        None, description="Extension: cut a document that does not fit at its end (default), or refuse it."
+    truncation: Literal["end", "none", "chunk"] | None = Field(
+        None,
+        description="Extension: a document that does not fit is cut at its end (default), refused (`none`), or "
+        "scored whole as overlapping windows, its score the best window's (`chunk`).",
     )
     priority: Literal["interactive", "batch"] = Field(
         "interactive", description="Extension: interactive calls go before batch calls in the queue."
@@ -91,15 +93,24 @@ AnyRerankRequest = Annotated[
 SHAPE_TAGS = ("cohere", "tei")
 
 
+class Span(_Shape):
+    start: int = Field(description="The first character's position (in Unicode code points).")
+    end: int = Field(description="One past the last character read.")
+
+
 class RerankResult(_Shape):
     index: int = Field(description="The document's position in the request.")
     relevance_score: float = Field(description="sigmoid(logit), in [0, 1]: the model card's score.")
     logit: float = Field(description='The raw logit("yes") - logit("no") at the last token.')
     document: TextDocument | None = Field(None, description="Only with return_documents.")
+    span: Span = Field(description="Extension: the characters of the document that earned the score.")
+    windows: int = Field(description="Extension: the windows scored (1 unless the document was chunked).")
+    truncated: bool = Field(description="Extension: the document was cut to fit.")
 
 
 class Usage(_Shape):
     total_tokens: int = Field(description="Tokens the model read for every pair, prompt included.")
+    cached_documents: int = Field(description="Extension: documents answered from the score cache.")
 
 
 class ApiVersion(_Shape):

@@ -79,6 +79,26 @@ class Metrics:
             ["worker"],
             registry=r,
         )
+        self.cache_hits = Counter(
+            "reranker_score_cache_hits_total", "Documents answered from the score cache.", registry=r
+        )
+        self.cache_joins = Counter(
+            "reranker_score_cache_joins_total",
+            "Documents answered by waiting for another call computing the same pair (single flight).",
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "reranker_score_cache_misses_total",
+            "Documents neither cached nor in flight: computed by the call that asked.",
+            registry=r,
+        )
+        self.cache_evictions = Counter(
+            "reranker_score_cache_evictions_total", "Entries dropped to keep within score_cache_bytes.", registry=r
+        )
+        self.cache_entries = Gauge("reranker_score_cache_entries", "Results held by the score cache.", registry=r)
+        self.cache_bytes = Gauge(
+            "reranker_score_cache_bytes", "Memory the score cache's entries take (entries x their size).", registry=r
+        )
         self.model_load_seconds = Gauge(
             "reranker_model_load_seconds",
             "Seconds the worker took to load and warm up its model.",

@@ -2,17 +2,23 @@
 
 One path for every call: check it against the limits (counts before
 contents, so that an oversized request is refused before its parts become
-Python objects) -> keep each distinct (query, document) pair once ->
-tokenize in chunks off the event loop (a huge request never holds the
-tokenizer threads for long, and stops when its caller is gone) -> one Job in
-the batcher -> answers built from the job's logits. Errors are
-service.errors exceptions; each transport maps them to its statuses.
+Python objects) -> keep each distinct (query, document) pair once -> look
+each up in the score cache (service.cache): a hit is answered at once, a pair
+another call is computing is waited for -> tokenize the rest in chunks off the
+event loop (a huge request never holds the tokenizer threads for long, and
+stops when its caller is gone), each document into one window, or several
+when chunking -> one Job in the batcher -> each document's result as soon as
+all its windows are scored (the best window's logit and span) -> answers.
+Errors are service.errors exceptions; each transport maps them to its
+statuses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import functools
 import math
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -21,12 +27,34 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from service import cache
 from service.batcher import Batcher
-from service.calls import Answer, CallOptions, ModelInfo, RerankCall, ScoreCall, Scored, Timing, Truncation, Usage
+from service.cache import ScoreCache
+from service.calls import (
+    Answer,
+    CallOptions,
+    DocumentScore,
+    ModelInfo,
+    RerankCall,
+    ScoreCall,
+    Scored,
+    Timing,
+    Truncation,
+    Usage,
+)
 from service.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from service.tracing import Tracing
 from service.work import BATCH, INTERACTIVE, Job
-from workers.prompt import EncodedPair, PromptEncoder, PromptTooLong
+from workers.prompt import (
+    DEFAULT_INSTRUCTION,
+    Chunking,
+    EncodedPair,
+    PromptEncoder,
+    PromptTooLong,
+    TooManyWindows,
+    Window,
+    WindowTooSmall,
+)
 
 # Identifiers reach log lines and error messages: keep them short.
 MAX_ID_CHARS = 128
@@ -41,36 +69,135 @@ class CallLimits:
     max_documents_per_request: int
     max_query_chars: int
     max_document_chars: int
+    max_windows_per_document: int
+    max_windows_per_request: int
 
 
-@dataclass
+class _State(enum.Enum):
+    UNCLAIMED = "unclaimed"  # to look up, compute or wait for
+    COMPUTING = "computing"  # in one of this call's jobs
+    WAITING = "waiting"  # another call is computing it
+    DONE = "done"
+
+
+@dataclass(eq=False)
+class _Document:
+    """One distinct pair of a call on its way to a result."""
+
+    pair: tuple[str, str]
+    key: bytes | None = None  # None: not cached, not shared
+    state: _State = _State.UNCLAIMED
+    score: DocumentScore | None = None
+    cached: bool = False  # the score came from the cache or another call
+
+
+@dataclass(eq=False)
 class _Work:
-    """One call on its way: its distinct pairs, their tokens, its job."""
+    """One call on its way: its distinct documents, their jobs, what is ready."""
 
     arrived: float  # perf_counter
     count: int  # pairs in the call
     distinct_of: list[int] = field(default_factory=list)  # call index -> distinct pair index
-    encoded: list[EncodedPair] = field(default_factory=list)  # per distinct pair
+    documents: list[_Document] = field(default_factory=list)  # per distinct pair
+    unclaimed: list[int] = field(default_factory=list)  # distinct indices to claim
+    pending: int = 0  # distinct pairs not yet scored
+    ready: list[int] = field(default_factory=list)  # scored since the last look
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    jobs: list[Job] = field(default_factory=list)
     tokenize_seconds: float = 0.0
-    job: Job | None = None
+
+    def resolve(self, distinct: int, score: DocumentScore, cached: bool) -> None:
+        document = self.documents[distinct]
+        document.state, document.score, document.cached = _State.DONE, score, cached
+        self.pending -= 1
+        self.ready.append(distinct)
+        self.changed.set()
+
+    def landed(self, distinct: int, score: DocumentScore | None) -> None:
+        """The call computing a pair this one waits for is done with it: the
+        result, or None when it gave up (then claim it again)."""
+        if self.documents[distinct].state is not _State.WAITING:
+            return
+        if score is None:
+            self.documents[distinct].state = _State.UNCLAIMED
+            self.unclaimed.append(distinct)
+            self.changed.set()
+        else:
+            self.resolve(distinct, score, cached=True)
+
+    def failure(self) -> BaseException | None:
+        return next((error for job in self.jobs if (error := job.failure()) is not None), None)
 
     def result(self, index: int, document: str | None = None) -> Scored:
-        distinct = self.distinct_of[index]
-        pair = self.encoded[distinct]
-        return Scored(index, self.job.logits[distinct], pair.truncated, pair.length, document)
+        score = self.documents[self.distinct_of[index]].score
+        return Scored(
+            index, score.logit, score.truncated, score.tokens, document, score.start, score.end, score.windows
+        )
 
     def usage(self) -> Usage:
-        pairs = [self.encoded[distinct] for distinct in self.distinct_of]
-        return Usage(self.count, sum(pair.length for pair in pairs), sum(pair.truncated for pair in pairs))
+        documents = [self.documents[distinct] for distinct in self.distinct_of]
+        return Usage(
+            self.count,
+            sum(document.score.tokens for document in documents),
+            sum(document.score.truncated for document in documents),
+            sum(document.cached for document in documents),
+        )
 
     def timing(self) -> Timing:
-        job = self.job
         return Timing(
             tokenize=self.tokenize_seconds,
-            queue=max(0.0, job.started_at - job.admitted_at),
-            compute=job.compute_seconds,
+            queue=max((max(0.0, job.started_at - job.admitted_at) for job in self.jobs), default=0.0),
+            compute=sum(job.compute_seconds for job in self.jobs),
             total=time.perf_counter() - self.arrived,
         )
+
+
+class _Scoring:
+    """The documents of one job: which windows are whose, and each document's
+    result once its last window is scored."""
+
+    def __init__(
+        self, work: _Work, distinct: list[int], windows: list[list[Window]], score_cache: ScoreCache | None
+    ) -> None:
+        self._work, self._distinct, self._windows, self._cache = work, distinct, windows, score_cache
+        self._owner: list[int] = []  # job pair index -> position in `distinct`
+        self._first: list[int] = []  # position -> its first pair's index
+        for position, document_windows in enumerate(windows):
+            self._first.append(len(self._owner))
+            self._owner += [position] * len(document_windows)
+        self._remaining = [len(document_windows) for document_windows in windows]
+        self.job: Job | None = None
+
+    def pairs(self) -> list[EncodedPair]:
+        return [window.pair for document_windows in self._windows for window in document_windows]
+
+    def scored(self, indices: list[int]) -> None:
+        for index in indices:
+            position = self._owner[index]
+            self._remaining[position] -= 1
+            if self._remaining[position]:
+                continue
+            first = self._first[position]
+            score = _best(self._windows[position], self.job.logits[first : first + len(self._windows[position])])
+            distinct = self._distinct[position]
+            self._work.resolve(distinct, score, cached=False)
+            key = self._work.documents[distinct].key
+            if key is not None:
+                self._cache.finish(key, score)
+
+
+def _best(windows: list[Window], logits: list[float]) -> DocumentScore:
+    """A document's result: its best window's logit and span (the first of equals)."""
+    best = max(range(len(windows)), key=logits.__getitem__)
+    window = windows[best]
+    return DocumentScore(
+        logit=logits[best],
+        truncated=window.pair.truncated,
+        tokens=sum(window.pair.length for window in windows),
+        start=window.start,
+        end=window.end,
+        windows=len(windows),
+    )
 
 
 class Ranker:
@@ -83,12 +210,16 @@ class Ranker:
         batcher: Batcher,
         tokenizers: Executor,
         tracing: Tracing | None = None,
+        score_cache: ScoreCache | None = None,
+        chunk_overlap_tokens: int = 0,
     ) -> None:
         self._limits = limits
         self._encoder = encoder
         self._batcher = batcher
         self._tokenizers = tokenizers
         self._tracing = tracing
+        self._cache = score_cache
+        self._overlap = chunk_overlap_tokens
         self.info: ModelInfo | None = None  # set once the workers are ready
 
     def model_info(self) -> ModelInfo:
@@ -98,18 +229,19 @@ class Ranker:
 
     async def rerank(self, call: RerankCall, span: str = "Rerank") -> Answer:
         self._identify(call.options)
-        async with self._running(call.options, self._rerank_pairs(call), span) as work:
-            await work.job.finished()
+        async with self._running(call.options, self._rerank_pairs(call), span) as (work, progress):
+            async for _ in progress:
+                pass
         return self._ranking(call, work)
 
     async def rerank_stream(self, call: RerankCall, span: str = "RerankStream") -> AsyncIterator[list[Scored] | Answer]:
-        """The documents each batch scored, as batches complete; then the ranking."""
+        """Documents as they are scored (a chunked one once all its windows are); then the ranking."""
         self._identify(call.options)
-        async with self._running(call.options, self._rerank_pairs(call), span, stream=True) as work:
+        async with self._running(call.options, self._rerank_pairs(call), span) as (work, progress):
             calls_of: dict[int, list[int]] = {}
             for index, distinct in enumerate(work.distinct_of):
                 calls_of.setdefault(distinct, []).append(index)
-            async for distinct_indices in work.job.scored_batches():
+            async for distinct_indices in progress:
                 yield [work.result(index) for distinct in distinct_indices for index in calls_of[distinct]]
         yield self._ranking(call, work)
 
@@ -121,8 +253,9 @@ class Ranker:
         for position, (query, _) in enumerate(pairs):
             if not query.strip():
                 raise InvalidArgument(f"pairs[{position}].query is empty")
-        async with self._running(call.options, pairs, span) as work:
-            await work.job.finished()
+        async with self._running(call.options, pairs, span) as (work, progress):
+            async for _ in progress:
+                pass
         return Answer(call.options.request_id, [work.result(i) for i in range(count)], work.usage(), work.timing())
 
     # -- the one path ---------------------------------------------------------------------
@@ -160,7 +293,8 @@ class Ranker:
             raise InvalidArgument(f"max_tokens_per_doc must be at least 1, got {options.max_tokens_per_doc}")
         if len(options.instruction) > limits.max_query_chars:
             raise InvalidArgument(
-                f"instruction has {len(options.instruction)} characters, more than max_query_chars={limits.max_query_chars}"
+                f"instruction has {len(options.instruction)} characters, "
+                f"more than max_query_chars={limits.max_query_chars}"
             )
         for position, (query, document) in enumerate(pairs):
             if len(query) > limits.max_query_chars:
@@ -175,84 +309,217 @@ class Ranker:
 
     @contextlib.asynccontextmanager
     async def _running(
-        self, options: CallOptions, pairs: list[tuple[str, str]], span: str, stream: bool = False
-    ) -> AsyncIterator[_Work]:
-        """Check, tokenize and admit a call's pairs; inside the block its job is in
-        the batcher, and leaving the block (however) drops what is still queued."""
+        self, options: CallOptions, pairs: list[tuple[str, str]], span: str
+    ) -> AsyncIterator[tuple[_Work, AsyncIterator[list[int]]]]:
+        """Check a call; inside the block, iterate its progress (the distinct pairs
+        scored, as they are). Leaving the block (however) drops this call's work
+        still queued, and hands the pairs it had claimed but not scored to the
+        calls waiting for them."""
         work = _Work(time.perf_counter(), len(pairs))
         self._check(options, pairs)
+        self._batcher.check_open()
         structlog.contextvars.bind_contextvars(documents=len(pairs))
         loop = asyncio.get_running_loop()
         deadline = None if options.timeout is None else loop.time() + options.timeout
         error: BaseException | None = None
         try:
-            distinct = _distinct(pairs, work.distinct_of)
-            work.encoded = await self._encode(distinct, work.distinct_of, options, deadline)
-            work.tokenize_seconds = time.perf_counter() - work.arrived
-            priority = BATCH if options.priority == BATCH else INTERACTIVE
-            job = Job(work.encoded, priority=priority, deadline=deadline, stream=stream)
-            async with self._batcher.running(job):
-                work.job = job
-                yield work
+            work.documents = [_Document(pair) for pair in _distinct(pairs, work.distinct_of)]
+            work.unclaimed = list(range(len(work.documents)))
+            work.pending = len(work.documents)
+            async with contextlib.AsyncExitStack() as jobs:
+                progress = self._progress(work, options, deadline, jobs)
+                async with contextlib.aclosing(progress):
+                    yield work, progress
+            documents = work.documents
             structlog.contextvars.bind_contextvars(
-                distinct=len(distinct),
-                tokens=job.tokens,
-                truncated=sum(pair.truncated for pair in work.encoded),
-                queue_ms=round(1000 * (job.started_at - job.admitted_at), 2),
-                compute_ms=round(1000 * job.compute_seconds, 2),
+                distinct=len(documents),
+                cached=sum(document.cached for document in documents),
+                windows=sum(len(job.pairs) for job in work.jobs),
+                tokens=sum(job.tokens for job in work.jobs),
+                truncated=sum(document.score.truncated for document in documents),
+                queue_ms=round(1000 * work.timing().queue, 2),
+                compute_ms=round(1000 * work.timing().compute, 2),
             )
         except BaseException as exc:
             error = exc
             raise
         finally:
+            for document in work.documents:
+                if document.state is _State.COMPUTING and document.key is not None:
+                    self._cache.abandon(document.key)
             if self._tracing is not None:
-                self._tracing.record(span, options.request_id, work.arrived, work.tokenize_seconds, work.job, error)
+                self._tracing.record(span, options.request_id, work.arrived, work.tokenize_seconds, work.jobs, error)
             if error is not None:
                 # Break the cycles (this frame -> error -> its traceback -> this frame, and
-                # the job's future -> error) that would keep the call's pairs in memory
+                # a job's future -> error) that would keep the call's pairs in memory
                 # until the cycle collector runs.
-                error, work.job = None, None
+                error = None
+                work.jobs.clear()
+
+    async def _progress(
+        self, work: _Work, options: CallOptions, deadline: float | None, jobs: contextlib.AsyncExitStack
+    ) -> AsyncIterator[list[int]]:
+        """The call's distinct pairs as they are scored: cached ones first, then as
+        batches (of this call or of the calls it waits for) complete."""
+        if self._cache is not None and self.info is not None:
+            await self._keys(work, options, deadline)
+        while True:
+            if work.unclaimed:
+                claimed = self._claim(work)
+                if claimed:
+                    await self._submit(work, claimed, options, deadline, jobs)
+            if (error := work.failure()) is not None:
+                raise error
+            if work.ready:
+                ready, work.ready = work.ready, []
+                yield ready
+            elif not work.pending:
+                return
+            elif not work.unclaimed:  # else a call it waited for gave up: claim again at once
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await work.changed.wait()
+                except TimeoutError:
+                    raise DeadlineExceeded("the deadline passed before the request was answered") from None
+                work.changed.clear()
+
+    def _claim(self, work: _Work) -> list[int]:
+        """Answer what the cache holds, wait for what others compute, and return
+        the distinct pairs this call computes."""
+        claimed = []
+        for distinct in work.unclaimed:
+            document = work.documents[distinct]
+            found = (
+                None
+                if document.key is None
+                else self._cache.claim(document.key, functools.partial(work.landed, distinct))
+            )
+            if isinstance(found, DocumentScore):
+                work.resolve(distinct, found, cached=True)
+            elif found is not None:
+                document.state = _State.WAITING
+            else:
+                document.state = _State.COMPUTING
+                claimed.append(distinct)
+        work.unclaimed = []
+        return claimed
+
+    async def _submit(
+        self,
+        work: _Work,
+        claimed: list[int],
+        options: CallOptions,
+        deadline: float | None,
+        jobs: contextlib.AsyncExitStack,
+    ) -> None:
+        """Tokenize the claimed pairs into windows and admit them as one job."""
+        windows = await self._encode(work, claimed, options, deadline)
+        scoring = _Scoring(work, claimed, windows, self._cache)
+        priority = BATCH if options.priority == BATCH else INTERACTIVE
+        job = Job(scoring.pairs(), priority=priority, deadline=deadline, on_scored=scoring.scored)
+        scoring.job = job
+        await jobs.enter_async_context(self._batcher.running(job))
+        work.jobs.append(job)
+        job.watch(work.changed.set)
+
+    async def _keys(self, work: _Work, options: CallOptions, deadline: float | None) -> None:
+        """Each distinct pair's cache key, hashed in the tokenizer threads."""
+        info = self.info
+        chunked = options.truncation is Truncation.CHUNK
+        shared = cache.scope(
+            info.model_id,
+            info.revision,
+            info.precision,
+            self._encoder.max_length,
+            options.instruction or DEFAULT_INSTRUCTION,
+            options.truncation.value,
+            options.max_tokens_per_doc,
+            self._overlap if chunked else None,
+        )
+        pairs = [document.pair for document in work.documents]
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        for start, chunk in _chunks(pairs):
+            _check_deadline(loop, deadline, "hashed")
+            found = await loop.run_in_executor(self._tokenizers, cache.keys, shared, chunk)
+            for document, key in zip(work.documents[start : start + len(chunk)], found, strict=True):
+                document.key = key
+        work.tokenize_seconds += time.perf_counter() - started
 
     async def _encode(
-        self, pairs: list[tuple[str, str]], distinct_of: list[int], options: CallOptions, deadline: float | None
-    ) -> list[EncodedPair]:
+        self, work: _Work, claimed: list[int], options: CallOptions, deadline: float | None
+    ) -> list[list[Window]]:
         """Tokenize in chunks, one at a time in the tokenizer pool; stop when the
         caller is gone (cancelled) or the deadline has passed."""
         loop = asyncio.get_running_loop()
-        truncate = options.truncation is Truncation.END
-        encoded: list[EncodedPair] = []
+        limits = self._limits
+        chunking = (
+            Chunking(self._overlap, limits.max_windows_per_document) if options.truncation is Truncation.CHUNK else None
+        )
+        cap = options.max_tokens_per_doc
+        pairs = [work.documents[distinct].pair for distinct in claimed]
+        windows: list[list[Window]] = []
+        count = sum(len(job.pairs) for job in work.jobs)
+        started = time.perf_counter()
         for start, chunk in _chunks(pairs):
-            if deadline is not None and loop.time() >= deadline:
-                raise DeadlineExceeded("the deadline passed while the request was being tokenized")
+            _check_deadline(loop, deadline, "tokenized")
             try:
-                encoded += await loop.run_in_executor(
+                encoded = await loop.run_in_executor(
                     self._tokenizers,
-                    self._encoder.encode,
+                    self._encoder.encode_windows,
                     chunk,
                     options.instruction,
-                    truncate,
-                    options.max_tokens_per_doc,
+                    options.truncation is not Truncation.NONE,
+                    cap,
+                    chunking,
                 )
             except PromptTooLong as exc:
                 if exc.position is None:
                     raise InvalidArgument(str(exc)) from None
-                index = distinct_of.index(start + exc.position)  # the call's first document with that text
-                cap = options.max_tokens_per_doc
+                index = self._index(work, claimed[start + exc.position])
                 if cap is not None and exc.document_tokens > cap:
                     limit = f"{exc.document_tokens} document tokens, more than max_tokens_per_doc={cap}"
                 else:
                     limit = f"{exc.needed} tokens, more than max_length {self._encoder.max_length}"
                 raise InvalidArgument(f"document {index} needs {limit}, and truncation was refused") from None
-        return encoded
+            except TooManyWindows as exc:
+                index = self._index(work, claimed[start + exc.position])
+                raise InvalidArgument(
+                    f"document {index} needs more than max_windows_per_document={exc.limit} windows"
+                ) from None
+            except WindowTooSmall as exc:
+                index = self._index(work, claimed[start + exc.position])
+                raise InvalidArgument(
+                    f"document {index} has a character that takes more than the {exc.width} tokens of a window "
+                    f"(max_tokens_per_doc={cap})"
+                ) from None
+            windows += encoded
+            count += sum(len(document_windows) for document_windows in encoded)
+            if chunking is not None and count > limits.max_windows_per_request:
+                raise InvalidArgument(
+                    f"the documents need more than max_windows_per_request={limits.max_windows_per_request} windows"
+                )
+        work.tokenize_seconds += time.perf_counter() - started
+        return windows
+
+    @staticmethod
+    def _index(work: _Work, distinct: int) -> int:
+        """The call's first document with that text."""
+        return work.distinct_of.index(distinct)
 
     def _ranking(self, call: RerankCall, work: _Work) -> Answer:
-        logits = [work.job.logits[distinct] for distinct in work.distinct_of]
+        logits = [work.documents[distinct].score.logit for distinct in work.distinct_of]
         order = sorted(range(len(logits)), key=lambda i: -logits[i])  # stable: ties keep request order
         if call.top_n:
             order = order[: call.top_n]
         documents = call.documents if call.return_documents else None
         results = [work.result(i, documents[i] if documents is not None else None) for i in order]
         return Answer(call.options.request_id, results, work.usage(), work.timing())
+
+
+def _check_deadline(loop: asyncio.AbstractEventLoop, deadline: float | None, doing: str) -> None:
+    if deadline is not None and loop.time() >= deadline:
+        raise DeadlineExceeded(f"the deadline passed while the request was being {doing}")
 
 
 def _distinct(pairs: list[tuple[str, str]], distinct_of: list[int]) -> list[tuple[str, str]]:

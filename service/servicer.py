@@ -30,6 +30,7 @@ _TRUNCATIONS = {
     pb.TRUNCATION_UNSPECIFIED: Truncation.END,
     pb.TRUNCATION_END: Truncation.END,
     pb.TRUNCATION_NONE: Truncation.NONE,
+    pb.TRUNCATION_CHUNK: Truncation.CHUNK,
 }
 # google.protobuf.Duration's own range (duration.proto).
 _MAX_DURATION_SECONDS = 315_576_000_000
@@ -168,7 +169,8 @@ def _options(request, time_remaining: float | None, has_timeout: bool) -> CallOp
         )
     if request.truncation not in _TRUNCATIONS:
         raise InvalidArgument(
-            f"truncation {request.truncation} is not a Truncation; use TRUNCATION_END or TRUNCATION_NONE"
+            f"truncation {request.truncation} is not a Truncation; "
+            "use TRUNCATION_END, TRUNCATION_NONE or TRUNCATION_CHUNK"
         )
     limits = [] if time_remaining is None else [time_remaining]
     if has_timeout and request.HasField("timeout"):
@@ -210,6 +212,8 @@ def _scored(result: Scored) -> pb.ScoredDocument:
         truncated=result.truncated,
         tokens=result.tokens,
         document=result.document or "",
+        span=pb.Span(start=result.start, end=result.end),
+        windows=result.windows,
     )
 
 
@@ -229,7 +233,12 @@ def _failed(request: pb.RerankRequest, code: grpc.StatusCode, message: str) -> p
 
 def _usage(answer: Answer) -> pb.Usage:
     usage = answer.usage
-    return pb.Usage(documents=usage.documents, tokens=usage.tokens, truncated_documents=usage.truncated_documents)
+    return pb.Usage(
+        documents=usage.documents,
+        tokens=usage.tokens,
+        truncated_documents=usage.truncated_documents,
+        cached_documents=usage.cached_documents,
+    )
 
 
 def _duration(seconds: float) -> Duration:
@@ -268,6 +277,8 @@ def _model_info(info: ModelInfo) -> pb.ModelInfo:
             max_queue_pairs=limits.max_queue_pairs,
             max_queue_tokens=limits.max_queue_tokens,
             max_wait=_duration(limits.max_wait_ms / 1000),
+            max_windows_per_document=limits.max_windows_per_document,
+            max_windows_per_request=limits.max_windows_per_request,
         ),
     )
     return message

@@ -76,7 +76,25 @@ class Settings:
     max_documents_per_request: int = _setting(1000, "documents per Rerank request, pairs per Score request")
     max_query_chars: int = _setting(32768, "characters per query, and per instruction")
     max_document_chars: int = _setting(131072, "characters per document")
+    max_windows_per_document: int = _setting(
+        64, "TRUNCATION_CHUNK: windows one document may be split into; more is INVALID_ARGUMENT"
+    )
+    max_windows_per_request: int = _setting(
+        4096,
+        "TRUNCATION_CHUNK: windows one request may score (a document that fits is one); more is INVALID_ARGUMENT",
+    )
     tokenizer_threads: int = _setting(2, "threads that tokenize requests off the event loop")
+    # Long documents and repeated work
+    chunk_overlap_tokens: int = _setting(
+        128,
+        "TRUNCATION_CHUNK: tokens each window repeats from the one before, so that a passage up to that long "
+        "that straddles a cut is whole in one window (at most a quarter of a window)",
+    )
+    score_cache_bytes: int = _setting(
+        64 * 1024 * 1024,
+        "memory for cached results, least recently used dropped first (about 512 bytes a document, whatever its "
+        "length); 0 turns the cache and single flight off",
+    )
     # Lifecycle
     grace_period_s: float = _setting(30.0, "on SIGTERM, how long calls in flight may take to finish")
     batch_timeout_s: float = _setting(
@@ -128,6 +146,8 @@ class Settings:
             "max_concurrent_rpcs",
             "max_concurrent_streams",
             "max_requests_per_stream",
+            "max_windows_per_document",
+            "max_windows_per_request",
         ):
             if getattr(self, name) < 1:
                 yield f"{name} must be at least 1, got {getattr(self, name)}"
@@ -141,6 +161,15 @@ class Settings:
                 f"max_queue_pairs ({self.max_queue_pairs}) must hold one full request "
                 f"({self.max_documents_per_request} documents)"
             )
+        if self.max_windows_per_request < self.max_documents_per_request:
+            yield (
+                f"max_windows_per_request ({self.max_windows_per_request}) must hold one window per document "
+                f"of a full request ({self.max_documents_per_request} documents)"
+            )
+        if self.chunk_overlap_tokens < 0:
+            yield f"chunk_overlap_tokens must be >= 0, got {self.chunk_overlap_tokens}"
+        if self.score_cache_bytes and self.score_cache_bytes < 1024:
+            yield f"score_cache_bytes must be 0 (off) or at least 1024 (two entries), got {self.score_cache_bytes}"
         if not 0 <= self.min_padding_efficiency <= 1:
             yield f"min_padding_efficiency must lie in [0, 1], got {self.min_padding_efficiency}"
         for name in ("max_wait_ms", "grace_period_s", "batch_timeout_s", "http_default_timeout_s"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -53,11 +53,12 @@ class Tracing:
         request_id: str,
         arrived: float,
         tokenize_seconds: float,
-        job: Job | None,
-        error: Exception | None,
+        jobs: Sequence[Job],
+        error: BaseException | None,
     ) -> None:
         """Write the spans of one finished request. Times are perf_counter (arrival)
-        and event-loop time (the job's); both are turned into wall-clock nanoseconds."""
+        and event-loop time (the jobs'); both are turned into wall-clock nanoseconds.
+        A request usually has one job; none when the score cache answered it all."""
         now_ns, perf_now, loop_now = time.time_ns(), time.perf_counter(), asyncio.get_running_loop().time()
 
         def perf_to_ns(t: float) -> int:
@@ -72,12 +73,14 @@ class Tracing:
         parent = self._trace.set_span_in_context(span)
         tokenized = perf_to_ns(arrived + tokenize_seconds)
         self._tracer.start_span("tokenize", context=parent, start_time=perf_to_ns(arrived)).end(end_time=tokenized)
-        if job is not None:
-            span.set_attribute("reranker.documents", len(job.pairs))
-            span.set_attribute("reranker.tokens", job.tokens)
-            queue = self._tracer.start_span("queue", context=parent, start_time=loop_to_ns(job.admitted_at))
-            queue.end(end_time=loop_to_ns(job.started_at))
-            for batch in job.batches:
+        if jobs:
+            span.set_attribute("reranker.documents", sum(len(job.pairs) for job in jobs))
+            span.set_attribute("reranker.tokens", sum(job.tokens for job in jobs))
+            queue = self._tracer.start_span(
+                "queue", context=parent, start_time=loop_to_ns(min(job.admitted_at for job in jobs))
+            )
+            queue.end(end_time=loop_to_ns(max(job.started_at for job in jobs)))
+            for batch in (batch for job in jobs for batch in job.batches):
                 child = self._tracer.start_span(
                     "batch",
                     context=parent,

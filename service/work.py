@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,14 +28,14 @@ class Job:
     """The scoring work of one request, and where its scores go.
 
     Built anywhere; `Batcher.running` admits it, and its scores arrive in
-    `logits` (request order). Wait with `finished()` or, for a stream, iterate
-    `scored_batches()`.
+    `logits` (request order). `on_scored` hears the indices each batch
+    scored, as batches complete; `watch` hears when the job is over.
     """
 
     pairs: Sequence[EncodedPair]
     priority: int = INTERACTIVE
     deadline: float | None = None  # loop time by which it must be answered
-    stream: bool = False  # deliver scored indices batch by batch
+    on_scored: Callable[[list[int]], None] | None = None  # called on the loop, inside the batcher: no awaiting
     id: int = field(default_factory=lambda: next(_job_ids))
     logits: list[float] = field(init=False)
     remaining: int = field(init=False)
@@ -46,7 +46,6 @@ class Job:
     items: list[QueuedPair] = field(default_factory=list)
     batches: list[BatchRecord] = field(default_factory=list)  # the batches that held its pairs, for tracing
     _future: asyncio.Future[None] | None = None
-    _progress: asyncio.Queue[list[int]] | None = None
 
     def __post_init__(self) -> None:
         self.logits = [0.0] * len(self.pairs)
@@ -56,39 +55,31 @@ class Job:
     def admit(self, now: float) -> None:
         """Called by the batcher, on the loop, when it takes the job."""
         self._future = asyncio.get_running_loop().create_future()
-        self._progress = asyncio.Queue() if self.stream else None
         self.admitted_at = self.started_at = now
-
-    def when_done(self, callback: Callable[[], object]) -> None:
-        assert self._future is not None, "the job was not admitted"
-        self._future.add_done_callback(lambda _: callback())
 
     @property
     def done(self) -> bool:
         return self._future is not None and self._future.done()
 
-    async def finished(self) -> None:
-        """Wait until every pair is scored; raises the ServiceError the job failed with.
+    def watch(self, on_done: Callable[[], None]) -> None:
+        """Call `on_done` once the job is over (scored, failed or cancelled); see `failure`."""
 
-        Shielded: if the caller is cancelled, the job stays unresolved until the
-        batcher's `cancel` has taken its pairs out of the queue.
-        """
-        assert self._future is not None, "the job was not admitted"
-        await asyncio.shield(self._future)
+        def over(future: asyncio.Future[None]) -> None:
+            if not future.cancelled():
+                future.exception()  # read here, so that a failure nobody asks about is not logged as lost
+            on_done()
 
-    async def scored_batches(self) -> AsyncIterator[list[int]]:
-        """The request indices scored by each batch, as batches complete; then
-        raises how the job failed, if it did."""
-        assert self._future is not None and self._progress is not None, "a stream job was not admitted"
-        while not (self.done and self._progress.empty()):
-            indices = await self._progress.get()
-            if indices:
-                yield indices
-        self._future.result()
+        self._future.add_done_callback(over)
+
+    def failure(self) -> ServiceError | None:
+        """The error the job failed with, once it has."""
+        if not self.done or self._future.cancelled():
+            return None
+        return self._future.exception()
 
     def scored(self, indices: list[int]) -> None:
-        if self._progress is not None and indices:
-            self._progress.put_nowait(indices)
+        if self.on_scored is not None and indices:
+            self.on_scored(indices)
         if self.remaining == 0:
             self.finish()
 
@@ -103,8 +94,6 @@ class Job:
             self._future.set_result(None)
         else:
             self._future.set_exception(error)
-        if self._progress is not None:
-            self._progress.put_nowait([])  # wakes a stream reader; the future says how it ended
 
 
 @dataclass(eq=False, slots=True)

@@ -53,7 +53,7 @@ def changed_workspace(tmp_path, old: str, new: str):
 
 
 def test_buf_breaking_catches_a_renumbered_field(buf, tmp_path):
-    workspace = changed_workspace(tmp_path, "int32 top_n = 4;", "int32 top_n = 11;")
+    workspace = changed_workspace(tmp_path, "int32 top_n = 4;", "int32 top_n = 99;")  # 99: a number no field has
     done = run(buf, "breaking", str(workspace), "--against", str(ROOT))
     assert done.returncode != 0
     assert 'Previously present field "4" with name "top_n" on message "RerankRequest" was deleted' in done.stdout, (
@@ -69,6 +69,6 @@ def test_buf_breaking_catches_a_retyped_field(buf, tmp_path):
 
 
 def test_buf_breaking_accepts_an_added_field(buf, tmp_path):
-    workspace = changed_workspace(tmp_path, "  bool cancel = 10;\n", "  bool cancel = 10;\n  string tenant = 11;\n")
+    workspace = changed_workspace(tmp_path, "  bool cancel = 10;\n", "  bool cancel = 10;\n  string tenant = 99;\n")
     done = run(buf, "breaking", str(workspace), "--against", str(ROOT))
     assert done.returncode == 0, done.stdout + done.stderr

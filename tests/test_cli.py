@@ -312,12 +312,14 @@ def test_json_output_has_every_field_and_numbers_as_numbers(server, client, tmp_
     assert set(got) == {"requestId", "results", "usage", "timing"}
     assert sorted(result["index"] for result in got["results"]) == [0, 1]
     for result in got["results"]:
-        assert set(result) == {"index", "score", "logit", "document", "truncated", "tokens"}
+        assert set(result) == {"index", "score", "logit", "document", "truncated", "tokens", "span", "windows"}
         assert result["document"] == "" and result["truncated"] is False and isinstance(result["tokens"], int)
+        assert result["span"] == {"start": 0, "end": len(documents[result["index"]])} and result["windows"] == 1
     assert got["usage"] == {
         "documents": 2,
         "tokens": sum(result["tokens"] for result in got["results"]),
         "truncatedDocuments": 0,
+        "cachedDocuments": 0,
     }
     assert set(got["timing"]) == {"tokenize", "queue", "compute", "total"}
 
@@ -339,6 +341,8 @@ def test_json_output_has_every_field_and_numbers_as_numbers(server, client, tmp_
         "maxWait",
         "maxQueuePairs",
         "maxQueueTokens",
+        "maxWindowsPerDocument",
+        "maxWindowsPerRequest",
     }
     assert model["limits"]["maxQueueTokens"] == expected.limits.max_queue_tokens
     assert isinstance(model["limits"]["maxQueueTokens"], int)

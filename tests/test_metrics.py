@@ -1,41 +1,45 @@
 """The Prometheus metrics of a fresh server after a known amount of traffic:
 every counter moved by exactly what the traffic caused, the histograms agree
-with the counters, and the worker gauges describe the one worker."""
+with the counters, the score cache counts its one repeat, and the worker
+gauges describe the one worker."""
 
 from __future__ import annotations
 
 import pytest
 
-from reranker_client import RerankerClient, RerankerError, rerank_request
+from reranker_client import RerankerClient, RerankerError, Usage, rerank_request
 from tests.texts import DOCUMENTS, QUERY
 
 BATCH_ROWS = 4
-PAIRS = 5 + 3 + 4 + 6 + 3 + 3  # the pairs the traffic below admits
+CACHED = 3  # RerankMany's request "a" repeats the first call's first three pairs
+PAIRS = 5 + 3 + 4 + 6 + 3 + 3 - CACHED  # the pairs the traffic below admits
 
 
-def send_traffic(address: str) -> list[int]:
-    """Every RPC once or more, and one request refused before admission; the
-    usage.tokens of every answer."""
-    tokens = []
+def send_traffic(address: str) -> list[Usage]:
+    """Every RPC once or more, one request refused before admission, and one
+    answered from the score cache; the usage of every answer."""
+    usages = []
     with RerankerClient(address, timeout=60) as client:
-        tokens.append(client.rerank(QUERY, DOCUMENTS[:5]).usage.tokens)
-        tokens.append(client.rerank("where is Tokyo?", DOCUMENTS[5:8]).usage.tokens)
+        usages.append(client.rerank(QUERY, DOCUMENTS[:5]).usage)
+        usages.append(client.rerank("where is Tokyo?", DOCUMENTS[5:8]).usage)
         with pytest.raises(RerankerError):
             client.rerank("", ["refused before admission"])
-        tokens.append(client.score([(QUERY, document) for document in DOCUMENTS[8:12]]).usage.tokens)
-        tokens.append(list(client.rerank_stream(QUERY, DOCUMENTS[12:18]))[-1].usage.tokens)
+        usages.append(client.score([(QUERY, document) for document in DOCUMENTS[8:12]]).usage)
+        usages.append(list(client.rerank_stream(QUERY, DOCUMENTS[12:18]))[-1].usage)
         many = client.rerank_many(
             [rerank_request(QUERY, DOCUMENTS[:3], request_id="a"), rerank_request("q", DOCUMENTS[3:6], request_id="b")]
         )
-        tokens += [answer.usage.tokens for answer in many]
+        usages += [answer.usage for answer in many]
         client.model_info()
-    return tokens
+    return usages
 
 
 def test_metrics_count_exactly_the_traffic(server_factory, tiny_model):
     server = server_factory(tiny_model, "--cpu-threads", "1", "--max-batch-size", str(BATCH_ROWS))
-    tokens = send_traffic(server.address)
-    assert len(tokens) == 6
+    usages = send_traffic(server.address)
+    assert len(usages) == 6
+    assert sorted(usage.cached_documents for usage in usages) == [0, 0, 0, 0, 0, CACHED]
+    tokens = [usage.tokens for usage in usages if not usage.cached_documents]  # the answers that were computed
     m = server.metric
     exposition = server.metrics()
 
@@ -61,6 +65,12 @@ def test_metrics_count_exactly_the_traffic(server_factory, tiny_model):
     assert m("reranker_tokens_scored_total") == sum(tokens) > 0
     assert m("reranker_rejected_total") == 0
     assert m("reranker_queue_pairs") == 0 and m("reranker_queue_tokens") == 0
+
+    # The score cache: every distinct document looked up once, one request's worth found.
+    assert m("reranker_score_cache_hits_total") == CACHED
+    assert m("reranker_score_cache_misses_total") == m("reranker_score_cache_entries") == PAIRS
+    assert m("reranker_score_cache_joins_total") == m("reranker_score_cache_evictions_total") == 0
+    assert m("reranker_score_cache_bytes") == 512 * PAIRS
 
     # Batches: the histograms agree with the counters.
     batches = m("reranker_batches_total", worker="0")

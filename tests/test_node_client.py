@@ -45,9 +45,18 @@ def run_check(address: str, inputs_file, *extra: str) -> tuple[int, dict]:
 
 
 def test_node_client_matches_the_python_client(installed, server_factory, tiny_model, tmp_path):
-    # 4 rows per batch, so that 12 documents stream as several partial messages.
+    # 4 rows per batch, so that 12 documents stream as several partial messages. No score
+    # cache: the stream repeats the rerank, and each client's answers must be computed, not
+    # the other's served again.
     server = server_factory(
-        tiny_model, "--max-batch-size", "4", "--cpu-threads", "1", env={"RERANKER_AUTH_TOKENS": TOKEN}
+        tiny_model,
+        "--max-batch-size",
+        "4",
+        "--cpu-threads",
+        "1",
+        "--score-cache-bytes",
+        "0",
+        env={"RERANKER_AUTH_TOKENS": TOKEN},
     )
     inputs = tmp_path / "inputs.json"
     inputs.write_text(

@@ -44,9 +44,14 @@ DEADLINE = 60.0  # seconds, for every wait below; each ends as soon as its condi
 
 @pytest.fixture(scope="module")
 def replicas(tiny_model):
-    """Three servers, started together (their model loads overlap)."""
+    """Three servers, started together (their model loads overlap). Without the score
+    cache: these tests send one request again and again, and count on each call
+    reaching a worker (a frozen worker must hold calls; `pending` counts queued pairs)."""
     servers = [
-        start_server(tiny_model, "--workers-per-device", "1", "--cpu-threads", "1", wait=False) for _ in range(3)
+        start_server(
+            tiny_model, "--workers-per-device", "1", "--cpu-threads", "1", "--score-cache-bytes", "0", wait=False
+        )
+        for _ in range(3)
     ]
     for server in servers:
         server.wait_serving()

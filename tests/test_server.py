@@ -12,12 +12,15 @@ import pytest
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tokenizers import Tokenizer
 
 from bench.server import wait_until
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc
+from service.settings import Settings
 from tests.reference import Recipe
 from tests.texts import DOCUMENTS, QUERY
+from workers.prompt import Chunking, PromptEncoder
 
 MAX_LENGTH = 512
 SECRET = "SENTINEL-never-in-logs-7f3a"
@@ -128,6 +131,40 @@ def test_max_tokens_per_doc_cuts_each_document(stub, recipe, tiny_model):
     assert "document 1 needs" in refused.value.details() and "max_tokens_per_doc=20" in refused.value.details()
 
 
+def test_chunking_scores_a_long_document_whole(stub, tiny_model):
+    """Through the real server: a document of about five max_length pairs, chunked;
+    its logit is the recipe's best over the same windows' texts."""
+    long_document = " ".join(DOCUMENTS[:20]) * 3
+    request = pb.RerankRequest(query=QUERY, documents=["short", long_document], truncation=pb.TRUNCATION_CHUNK)
+    response = stub.Rerank(request, timeout=120)
+    result = {r.index: r for r in response.results}[1]
+    encoder = PromptEncoder(Tokenizer.from_file(str(tiny_model / "tokenizer.json")), MAX_LENGTH)
+    defaults = Settings(model="unused")
+    chunking = Chunking(defaults.chunk_overlap_tokens, defaults.max_windows_per_document)
+    (windows,) = encoder.encode_windows([(QUERY, long_document)], chunking=chunking)
+    assert result.windows == len(windows) >= 3 and not result.truncated
+    assert all(window.pair.length <= MAX_LENGTH for window in windows)
+    texts = [long_document[window.start : window.end] for window in windows]
+    expected = [logit for _, logit in Recipe(tiny_model, max_length=8192).scores(None, QUERY, texts)]
+    assert result.logit == pytest.approx(max(expected), abs=1e-4)
+    assert long_document[result.span.start : result.span.end] in texts
+    assert response.usage.tokens == sum(r.tokens for r in response.results)
+
+
+def test_repeats_are_answered_from_the_cache(server, stub):
+    documents = [f"cache check {i}" for i in range(5)]
+    request = pb.RerankRequest(query=QUERY, documents=documents)
+    first = stub.Rerank(request, timeout=60)
+    admitted, hits = server.metric("reranker_pairs_admitted_total"), server.metric("reranker_score_cache_hits_total")
+    again = stub.Rerank(request, timeout=60)
+    assert server.metric("reranker_pairs_admitted_total") == admitted  # nothing reached the queue
+    assert server.metric("reranker_score_cache_hits_total") == hits + 5
+    assert server.metric("reranker_score_cache_entries") >= 5
+    assert server.metric("reranker_score_cache_bytes") == 512 * server.metric("reranker_score_cache_entries")
+    assert (first.usage.cached_documents, again.usage.cached_documents) == (0, 5)
+    assert [(r.index, r.logit) for r in again.results] == [(r.index, r.logit) for r in first.results]
+
+
 def test_score_keeps_input_order(stub, recipe):
     pairs = [pb.Pair(query=QUERY, document=d) for d in DOCUMENTS[:5]] + [
         pb.Pair(query="東京はどこ?", document=DOCUMENTS[5])
@@ -156,20 +193,21 @@ def test_stream_yields_partial_results_then_the_ranking(stub):
     assert [result.index for result in final.final.results] == best
 
 
-def test_rerank_many_answers_every_request(stub):
+def test_rerank_many_answers_every_request(stub, recipe):
+    # Against the recipe, not a unary call: the score cache would answer that one from RerankMany's results.
     queries = [f"query {i}" for i in range(20)]
     documents = DOCUMENTS[:8]
     requests = [pb.RerankRequest(query=q, documents=documents, request_id=f"m-{i}") for i, q in enumerate(queries)]
     answers = {answer.request_id: answer for answer in stub.RerankMany(iter(requests), timeout=120)}
     assert sorted(answers) == sorted(f"m-{i}" for i in range(20))
     for i, query in enumerate(queries):
-        alone = stub.Rerank(pb.RerankRequest(query=query, documents=documents), timeout=60)
+        expected = expected_logits(recipe, None, query, tuple(documents))
         got = answers[f"m-{i}"]
         assert not got.HasField("error")
-        # separate calls are batched differently: equal within float noise, each ranked best first
-        logits = {r.index: r.logit for r in got.results}
-        assert logits == pytest.approx({r.index: r.logit for r in alone.results}, abs=1e-5)
-        assert [r.logit for r in got.results] == sorted(logits.values(), reverse=True)
+        assert sorted(r.index for r in got.results) == list(range(len(documents)))
+        logits = [r.logit for r in got.results]
+        assert logits == sorted(logits, reverse=True)
+        assert logits == pytest.approx([expected[r.index] for r in got.results], abs=1e-4)
 
 
 def test_rerank_many_reports_a_bad_request_and_goes_on(stub):

@@ -228,9 +228,12 @@ class RerankerClient:
         request_id: str = "",
         priority: int = Priority.UNSPECIFIED,
         truncation: int = Truncation.UNSPECIFIED,
+        max_tokens_per_doc: int = 0,
         timeout: float | None = None,
     ) -> Ranking:
-        """Rank `documents` for `query`: results best first, at most `top_n` (0: all)."""
+        """Rank `documents` for `query`: results best first, at most `top_n` (0: all).
+        `truncation=Truncation.CHUNK` scores a long document whole, as windows of at most
+        `max_tokens_per_doc` tokens (0: as many as max_length allows), keeping the best."""
         request = rerank_request(
             query,
             documents,
@@ -240,6 +243,7 @@ class RerankerClient:
             request_id=request_id,
             priority=priority,
             truncation=truncation,
+            max_tokens_per_doc=max_tokens_per_doc,
         )
         return results.ranking(self._call(self._stub.Rerank, request, timeout))
 
@@ -254,6 +258,7 @@ class RerankerClient:
         request_id: str = "",
         priority: int = Priority.UNSPECIFIED,
         truncation: int = Truncation.UNSPECIFIED,
+        max_tokens_per_doc: int = 0,
         timeout: float | None = None,
     ) -> Iterator[Scored | Ranking]:
         """A Scored event per completed batch, then the final Ranking. Closing the
@@ -267,6 +272,7 @@ class RerankerClient:
             request_id=request_id,
             priority=priority,
             truncation=truncation,
+            max_tokens_per_doc=max_tokens_per_doc,
         )
         return self._stream(self._call(self._stub.RerankStream, request, timeout), results.stream_event)
 
@@ -286,11 +292,17 @@ class RerankerClient:
         request_id: str = "",
         priority: int = Priority.UNSPECIFIED,
         truncation: int = Truncation.UNSPECIFIED,
+        max_tokens_per_doc: int = 0,
         timeout: float | None = None,
     ) -> Scores:
         """Score explicit (query, document) pairs; results in input order."""
         request = score_request(
-            pairs, instruction=instruction, request_id=request_id, priority=priority, truncation=truncation
+            pairs,
+            instruction=instruction,
+            request_id=request_id,
+            priority=priority,
+            truncation=truncation,
+            max_tokens_per_doc=max_tokens_per_doc,
         )
         return results.scores(self._call(self._stub.Score, request, timeout))
 
@@ -355,6 +367,7 @@ class AsyncRerankerClient:
         request_id: str = "",
         priority: int = Priority.UNSPECIFIED,
         truncation: int = Truncation.UNSPECIFIED,
+        max_tokens_per_doc: int = 0,
         timeout: float | None = None,
     ) -> Ranking:
         request = rerank_request(
@@ -366,6 +379,7 @@ class AsyncRerankerClient:
             request_id=request_id,
             priority=priority,
             truncation=truncation,
+            max_tokens_per_doc=max_tokens_per_doc,
         )
         return results.ranking(await self._call(self._stub.Rerank, request, timeout))
 
@@ -380,6 +394,7 @@ class AsyncRerankerClient:
         request_id: str = "",
         priority: int = Priority.UNSPECIFIED,
         truncation: int = Truncation.UNSPECIFIED,
+        max_tokens_per_doc: int = 0,
         timeout: float | None = None,
     ) -> AsyncIterator[Scored | Ranking]:
         request = rerank_request(
@@ -391,6 +406,7 @@ class AsyncRerankerClient:
             request_id=request_id,
             priority=priority,
             truncation=truncation,
+            max_tokens_per_doc=max_tokens_per_doc,
         )
         return self._stream(self._stub.RerankStream(request, **self._kwargs(timeout)), results.stream_event)
 
@@ -410,10 +426,16 @@ class AsyncRerankerClient:
         request_id: str = "",
         priority: int = Priority.UNSPECIFIED,
         truncation: int = Truncation.UNSPECIFIED,
+        max_tokens_per_doc: int = 0,
         timeout: float | None = None,
     ) -> Scores:
         request = score_request(
-            pairs, instruction=instruction, request_id=request_id, priority=priority, truncation=truncation
+            pairs,
+            instruction=instruction,
+            request_id=request_id,
+            priority=priority,
+            truncation=truncation,
+            max_tokens_per_doc=max_tokens_per_doc,
         )
         return results.scores(await self._call(self._stub.Score, request, timeout))
 

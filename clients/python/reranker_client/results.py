@@ -31,6 +31,7 @@ __all__ = [
     "Scored",
     "ScoredDocument",
     "Scores",
+    "Span",
     "StreamEvent",
     "Timing",
     "Truncation",
@@ -44,6 +45,7 @@ __all__ = [
     "scored_document",
     "scores",
     "seconds",
+    "span",
     "status_code",
     "stream_event",
     "timing",
@@ -65,6 +67,7 @@ class Truncation(enum.IntEnum):
     UNSPECIFIED = pb.TRUNCATION_UNSPECIFIED  # treated as END
     END = pb.TRUNCATION_END  # cut the document's end and mark the result `truncated`
     NONE = pb.TRUNCATION_NONE  # refuse the request with INVALID_ARGUMENT
+    CHUNK = pb.TRUNCATION_CHUNK  # score overlapping windows and keep the best (see ScoredDocument.span)
 
 
 class Precision(enum.IntEnum):
@@ -79,15 +82,29 @@ class Precision(enum.IntEnum):
 
 
 @dataclass(frozen=True)
+class Span:
+    """A part of a document: `document[start:end]`, in Python string positions
+    (Unicode code points; not bytes, not UTF-16 units)."""
+
+    start: int
+    end: int
+    raw: pb.Span | None = field(default=None, repr=False, compare=False, kw_only=True)
+
+
+@dataclass(frozen=True)
 class ScoredDocument:
     """One scored document (or pair)."""
 
     index: int  # the document's position in the request (the pair's, for score())
     score: float  # relevance in [0, 1]: sigmoid(logit)
-    logit: float  # logit("yes") - logit("no") at the last token
+    logit: float  # logit("yes") - logit("no") at the last token; the best window's when chunked
     document: str  # the text; "" unless return_documents was asked for
-    truncated: bool  # the document was cut to fit max_length
-    tokens: int  # tokens the model read for this pair
+    truncated: bool  # the document was cut to fit max_length (or max_tokens_per_doc)
+    tokens: int  # tokens the model read for this pair, every window's when chunked
+    # The part that earned the score: the best window when chunked, the part read when cut,
+    # else the whole document. None from a server older than this field.
+    span: Span | None = None
+    windows: int = 0  # windows the document was scored in: 1 unless Truncation.CHUNK split it
     raw: pb.ScoredDocument | None = field(default=None, repr=False, compare=False, kw_only=True)
 
 
@@ -98,6 +115,9 @@ class Usage:
     documents: int  # documents (or pairs) scored
     tokens: int  # tokens read, summed over the pairs, padding excluded
     truncated_documents: int
+    # Answered without computing them for this request: from the server's score cache, or
+    # computed once for a concurrent request with the same pair. Their tokens still count.
+    cached_documents: int = 0
     raw: pb.Usage | None = field(default=None, repr=False, compare=False, kw_only=True)
 
 
@@ -167,6 +187,8 @@ class Limits:
     max_wait: float  # seconds a partly filled batch waits for more work
     max_queue_pairs: int  # beyond it, RESOURCE_EXHAUSTED
     max_queue_tokens: int  # beyond it, RESOURCE_EXHAUSTED
+    max_windows_per_document: int = 0  # Truncation.CHUNK: windows per document
+    max_windows_per_request: int = 0  # Truncation.CHUNK: windows per request (a document that fits is one)
     raw: pb.Limits | None = field(default=None, repr=False, compare=False, kw_only=True)
 
 
@@ -204,6 +226,10 @@ def status_code(value: int) -> grpc.StatusCode:
     return _CODES.get(value, grpc.StatusCode.UNKNOWN)
 
 
+def span(message: pb.Span) -> Span:
+    return Span(start=message.start, end=message.end, raw=message)
+
+
 def scored_document(message: pb.ScoredDocument) -> ScoredDocument:
     return ScoredDocument(
         index=message.index,
@@ -212,6 +238,8 @@ def scored_document(message: pb.ScoredDocument) -> ScoredDocument:
         document=message.document,
         truncated=message.truncated,
         tokens=message.tokens,
+        span=span(message.span) if message.HasField("span") else None,
+        windows=message.windows,
         raw=message,
     )
 
@@ -221,6 +249,7 @@ def usage(message: pb.Usage) -> Usage:
         documents=message.documents,
         tokens=message.tokens,
         truncated_documents=message.truncated_documents,
+        cached_documents=message.cached_documents,
         raw=message,
     )
 
@@ -297,6 +326,8 @@ def limits(message: pb.Limits) -> Limits:
         max_wait=seconds(message.max_wait),
         max_queue_pairs=message.max_queue_pairs,
         max_queue_tokens=message.max_queue_tokens,
+        max_windows_per_document=message.max_windows_per_document,
+        max_windows_per_request=message.max_windows_per_request,
         raw=message,
     )
 

@@ -28,6 +28,8 @@ from reranker_client import (
     RerankerError,
     Scored,
     Scores,
+    Span,
+    Truncation,
     rerank_request,
 )
 
@@ -83,6 +85,13 @@ def assert_same_ranking(results, reference, tolerance: float = 1e-5) -> None:
     assert all(logit <= min(got) + tolerance for logit in left_out)
 
 
+def events_at_least(final: Ranking, info: ModelInfo) -> int:
+    """Scored events a stream sends at least: one per batch (at most max_batch_size
+    documents), and one for what the server's score cache answered."""
+    cached = final.usage.cached_documents
+    return math.ceil((final.usage.documents - cached) / info.limits.max_batch_size) + (1 if cached else 0)
+
+
 # -- the sync client ---------------------------------------------------------------------------
 
 
@@ -108,10 +117,9 @@ def test_rerank(client, ranking):
 def test_rerank_stream(client, ranking, info):
     events = list(client.rerank_stream(QUERY, DOCS))
     partial, final = events[:-1], events[-1]
-    # One Scored event per batch, and a batch holds at most max_batch_size documents.
-    assert len(partial) >= math.ceil(len(DOCS) / info.limits.max_batch_size)
     assert all(isinstance(event, Scored) for event in partial)
     assert isinstance(final, Ranking)
+    assert len(partial) >= events_at_least(final, info)
     streamed = [result.index for event in partial for result in event.results]
     assert sorted(streamed) == list(range(len(DOCS)))
     expected = logits_by_index(ranking.results)
@@ -153,6 +161,21 @@ def test_score(client, ranking):
     expected = logits_by_index(ranking.results)
     assert [result.logit for result in scores.results[:4]] == pytest.approx([expected[i] for i in range(4)], abs=1e-5)
     assert scores.usage.documents == 5
+
+
+def test_chunking_scores_a_long_document_whole(client, info):
+    """A document of many max_tokens_per_doc windows: the best window's span, the
+    window count, every window's tokens; the same document cut is a window of one."""
+    long_document = " ".join(DOCS) * 4
+    chunked = client.rerank(QUERY, [DOCS[0], long_document], truncation=Truncation.CHUNK, max_tokens_per_doc=32)
+    result = {r.index: r for r in chunked.results}[1]
+    assert info.limits.max_windows_per_document >= result.windows > 3
+    assert isinstance(result.span, Span) and 0 <= result.span.start < result.span.end <= len(long_document)
+    assert not result.truncated
+    cut = client.rerank(QUERY, [long_document], max_tokens_per_doc=32).results[0]
+    assert cut.truncated and cut.windows == 1 and cut.span.start == 0 and 0 < cut.span.end < len(long_document)
+    assert result.tokens > 3 * cut.tokens
+    assert chunked.usage.tokens == sum(r.tokens for r in chunked.results)
 
 
 def test_model_info(info):
@@ -210,7 +233,7 @@ def test_async_client(ranking, info):
     assert isinstance(rerank, Ranking)
     assert_same_ranking(rerank.results, ranking.results)
     assert isinstance(stream[-1], Ranking) and all(isinstance(event, Scored) for event in stream[:-1])
-    assert len(stream) - 1 >= math.ceil(len(DOCS) / info.limits.max_batch_size)
+    assert len(stream) - 1 >= events_at_least(stream[-1], info)
     assert_same_ranking(stream[-1].results, ranking.results)
     answers = {answer.request_id: answer for answer in many}
     assert_same_ranking(answers["a"].results, ranking.results)

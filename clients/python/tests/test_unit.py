@@ -34,6 +34,7 @@ from reranker_client import (
     Scored,
     ScoredDocument,
     Scores,
+    Span,
     Timing,
     Truncation,
     Usage,
@@ -191,6 +192,29 @@ def test_rerank_sends_every_field_the_deadline_and_the_token(channel):
     assert ranking.usage.raw == USAGE and ranking.timing.raw == TIMING
     with pytest.raises(dataclasses.FrozenInstanceError):
         ranking.request_id = "other"  # type: ignore[misc]
+
+
+def test_chunking_sends_the_cap_and_reads_spans_windows_and_cached_documents(channel):
+    client = RerankerClient.from_channel(channel)
+    call = InThread(lambda: client.rerank("q", ["a", "b"], truncation=Truncation.CHUNK, max_tokens_per_doc=256))
+    _, request, rpc = channel.take("unary_unary", "Rerank")
+    assert request == pb.RerankRequest(
+        query="q", documents=["a", "b"], truncation=pb.TRUNCATION_CHUNK, max_tokens_per_doc=256
+    )
+    response = pb.RerankResponse(
+        results=[
+            pb.ScoredDocument(index=1, logit=2.0, tokens=900, span=pb.Span(start=1200, end=2100), windows=4),
+            pb.ScoredDocument(index=0, logit=1.0, tokens=40, span=pb.Span(start=0, end=1), windows=1),
+        ],
+        usage=pb.Usage(documents=2, tokens=940, cached_documents=1),
+    )
+    rpc.terminate(response, (), grpc.StatusCode.OK, "")
+    ranking = call.result()
+    assert [(r.span, r.windows) for r in ranking.results] == [(Span(1200, 2100), 4), (Span(0, 1), 1)]
+    assert ranking.usage == Usage(documents=2, tokens=940, truncated_documents=0, cached_documents=1)
+    assert ranking.results[0].span.raw == response.results[0].span
+    # From a server older than spans: no span, no windows.
+    assert results.scored_document(pb.ScoredDocument(index=3)).span is None
 
 
 def test_defaults_no_token_and_a_deadline_of_the_calls_own(channel):

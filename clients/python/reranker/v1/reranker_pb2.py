@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1areranker/v1/reranker.proto\x12\x0breranker.v1\x1a\x1egoogle/protobuf/duration.proto\"\xb1\x02\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x03(\t\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\r\n\x05top_n\x18\x04 \x01(\x05\x12\x18\n\x10return_documents\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\'\n\x08priority\x18\x07 \x01(\x0e\x32\x15.reranker.v1.Priority\x12+\n\ntruncation\x18\x08 \x01(\x0e\x32\x17.reranker.v1.Truncation\x12*\n\x07timeout\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06\x63\x61ncel\x18\n \x01(\x08\x12\x1a\n\x12max_tokens_per_doc\x18\x0b \x01(\r\"r\n\x0eScoredDocument\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05logit\x18\x03 \x01(\x02\x12\x10\n\x08\x64ocument\x18\x04 \x01(\t\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12\x0e\n\x06tokens\x18\x06 \x01(\r\"G\n\x05Usage\x12\x11\n\tdocuments\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x1b\n\x13truncated_documents\x18\x03 \x01(\r\"\xb5\x01\n\x06Timing\x12+\n\x08tokenize\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05queue\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07\x63ompute\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xc4\x01\n\x0eRerankResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x07results\x18\x02 \x03(\x0b\x32\x1b.reranker.v1.ScoredDocument\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.reranker.v1.Usage\x12#\n\x06timing\x18\x04 \x01(\x0b\x32\x13.reranker.v1.Timing\x12(\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x19.reranker.v1.RequestError\"?\n\x0fScoredDocuments\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.reranker.v1.ScoredDocument\"}\n\x14RerankStreamResponse\x12.\n\x06scored\x18\x01 \x01(\x0b\x32\x1c.reranker.v1.ScoredDocumentsH\x00\x12,\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1b.reranker.v1.RerankResponseH\x00\x42\x07\n\x05\x65vent\"\'\n\x04Pair\x12\r\n\x05query\x18\x01 \x01(\t\x12\x10\n\x08\x64ocument\x18\x02 \x01(\t\"\xcb\x01\n\x0cScoreRequest\x12 \n\x05pairs\x18\x01 \x03(\x0b\x32\x11.reranker.v1.Pair\x12\x13\n\x0binstruction\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\'\n\x08priority\x18\x04 \x01(\x0e\x32\x15.reranker.v1.Priority\x12+\n\ntruncation\x18\x05 \x01(\x0e\x32\x17.reranker.v1.Truncation\x12\x1a\n\x12max_tokens_per_doc\x18\x06 \x01(\r\"\x99\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x07results\x18\x02 \x03(\x0b\x32\x1b.reranker.v1.ScoredDocument\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.reranker.v1.Usage\x12#\n\x06timing\x18\x04 \x01(\x0b\x32\x13.reranker.v1.Timing\"\x15\n\x13GetModelInfoRequest\"\xa1\x02\n\x06Limits\x12\x12\n\nmax_length\x18\x01 \x01(\r\x12!\n\x19max_documents_per_request\x18\x02 \x01(\r\x12\x17\n\x0fmax_query_chars\x18\x03 \x01(\r\x12\x1a\n\x12max_document_chars\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12+\n\x08max_wait\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fmax_queue_pairs\x18\t \x01(\r\x12\x18\n\x10max_queue_tokens\x18\n \x01(\x04\"\xe1\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12)\n\tprecision\x18\x03 \x01(\x0e\x32\x16.reranker.v1.Precision\x12\x0f\n\x07\x64\x65vices\x18\x04 \x03(\t\x12#\n\x06limits\x18\x05 \x01(\x0b\x32\x13.reranker.v1.Limits\x12\x1b\n\x13\x64\x65\x66\x61ult_instruction\x18\x06 \x01(\t\x12\x16\n\x0eserver_version\x18\x07 \x01(\t\x12\x1a\n\x12model_memory_bytes\x18\x08 \x01(\x04*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02*Q\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x12\n\x0eTRUNCATION_END\x10\x01\x12\x13\n\x0fTRUNCATION_NONE\x10\x02*\x89\x01\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x12\n\x0ePRECISION_FP32\x10\x01\x12\x12\n\x0ePRECISION_FP16\x10\x02\x12\x12\n\x0ePRECISION_BF16\x10\x03\x12\x12\n\x0ePRECISION_INT8\x10\x04\x12\x11\n\rPRECISION_NF4\x10\x05\x32\xf3\x02\n\x08Reranker\x12\x41\n\x06Rerank\x12\x1a.reranker.v1.RerankRequest\x1a\x1b.reranker.v1.RerankResponse\x12O\n\x0cRerankStream\x12\x1a.reranker.v1.RerankRequest\x1a!.reranker.v1.RerankStreamResponse0\x01\x12I\n\nRerankMany\x12\x1a.reranker.v1.RerankRequest\x1a\x1b.reranker.v1.RerankResponse(\x01\x30\x01\x12>\n\x05Score\x12\x19.reranker.v1.ScoreRequest\x1a\x1a.reranker.v1.ScoreResponse\x12H\n\x0cGetModelInfo\x12 .reranker.v1.GetModelInfoRequest\x1a\x16.reranker.v1.ModelInfoBw\n\x1aio.github.qwen3reranker.v1B\rRerankerProtoP\x01ZHgithub.com/qwen3-reranker-service/reranker/gen/go/reranker/v1;rerankerv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1areranker/v1/reranker.proto\x12\x0breranker.v1\x1a\x1egoogle/protobuf/duration.proto\"\xb1\x02\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x03(\t\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\r\n\x05top_n\x18\x04 \x01(\x05\x12\x18\n\x10return_documents\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\'\n\x08priority\x18\x07 \x01(\x0e\x32\x15.reranker.v1.Priority\x12+\n\ntruncation\x18\x08 \x01(\x0e\x32\x17.reranker.v1.Truncation\x12*\n\x07timeout\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06\x63\x61ncel\x18\n \x01(\x08\x12\x1a\n\x12max_tokens_per_doc\x18\x0b \x01(\r\"\xa4\x01\n\x0eScoredDocument\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05logit\x18\x03 \x01(\x02\x12\x10\n\x08\x64ocument\x18\x04 \x01(\t\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12\x0e\n\x06tokens\x18\x06 \x01(\r\x12\x1f\n\x04span\x18\x07 \x01(\x0b\x32\x11.reranker.v1.Span\x12\x0f\n\x07windows\x18\x08 \x01(\r\"\"\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"a\n\x05Usage\x12\x11\n\tdocuments\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x1b\n\x13truncated_documents\x18\x03 \x01(\r\x12\x18\n\x10\x63\x61\x63hed_documents\x18\x04 \x01(\r\"\xb5\x01\n\x06Timing\x12+\n\x08tokenize\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05queue\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07\x63ompute\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xc4\x01\n\x0eRerankResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x07results\x18\x02 \x03(\x0b\x32\x1b.reranker.v1.ScoredDocument\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.reranker.v1.Usage\x12#\n\x06timing\x18\x04 \x01(\x0b\x32\x13.reranker.v1.Timing\x12(\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x19.reranker.v1.RequestError\"?\n\x0fScoredDocuments\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.reranker.v1.ScoredDocument\"}\n\x14RerankStreamResponse\x12.\n\x06scored\x18\x01 \x01(\x0b\x32\x1c.reranker.v1.ScoredDocumentsH\x00\x12,\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1b.reranker.v1.RerankResponseH\x00\x42\x07\n\x05\x65vent\"\'\n\x04Pair\x12\r\n\x05query\x18\x01 \x01(\t\x12\x10\n\x08\x64ocument\x18\x02 \x01(\t\"\xcb\x01\n\x0cScoreRequest\x12 \n\x05pairs\x18\x01 \x03(\x0b\x32\x11.reranker.v1.Pair\x12\x13\n\x0binstruction\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\'\n\x08priority\x18\x04 \x01(\x0e\x32\x15.reranker.v1.Priority\x12+\n\ntruncation\x18\x05 \x01(\x0e\x32\x17.reranker.v1.Truncation\x12\x1a\n\x12max_tokens_per_doc\x18\x06 \x01(\r\"\x99\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x07results\x18\x02 \x03(\x0b\x32\x1b.reranker.v1.ScoredDocument\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.reranker.v1.Usage\x12#\n\x06timing\x18\x04 \x01(\x0b\x32\x13.reranker.v1.Timing\"\x15\n\x13GetModelInfoRequest\"\xe4\x02\n\x06Limits\x12\x12\n\nmax_length\x18\x01 \x01(\r\x12!\n\x19max_documents_per_request\x18\x02 \x01(\r\x12\x17\n\x0fmax_query_chars\x18\x03 \x01(\r\x12\x1a\n\x12max_document_chars\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12+\n\x08max_wait\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fmax_queue_pairs\x18\t \x01(\r\x12\x18\n\x10max_queue_tokens\x18\n \x01(\x04\x12 \n\x18max_windows_per_document\x18\x0b \x01(\r\x12\x1f\n\x17max_windows_per_request\x18\x0c \x01(\r\"\xe1\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12)\n\tprecision\x18\x03 \x01(\x0e\x32\x16.reranker.v1.Precision\x12\x0f\n\x07\x64\x65vices\x18\x04 \x03(\t\x12#\n\x06limits\x18\x05 \x01(\x0b\x32\x13.reranker.v1.Limits\x12\x1b\n\x13\x64\x65\x66\x61ult_instruction\x18\x06 \x01(\t\x12\x16\n\x0eserver_version\x18\x07 \x01(\t\x12\x1a\n\x12model_memory_bytes\x18\x08 \x01(\x04*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02*g\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x12\n\x0eTRUNCATION_END\x10\x01\x12\x13\n\x0fTRUNCATION_NONE\x10\x02\x12\x14\n\x10TRUNCATION_CHUNK\x10\x03*\x89\x01\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x12\n\x0ePRECISION_FP32\x10\x01\x12\x12\n\x0ePRECISION_FP16\x10\x02\x12\x12\n\x0ePRECISION_BF16\x10\x03\x12\x12\n\x0ePRECISION_INT8\x10\x04\x12\x11\n\rPRECISION_NF4\x10\x05\x32\xf3\x02\n\x08Reranker\x12\x41\n\x06Rerank\x12\x1a.reranker.v1.RerankRequest\x1a\x1b.reranker.v1.RerankResponse\x12O\n\x0cRerankStream\x12\x1a.reranker.v1.RerankRequest\x1a!.reranker.v1.RerankStreamResponse0\x01\x12I\n\nRerankMany\x12\x1a.reranker.v1.RerankRequest\x1a\x1b.reranker.v1.RerankResponse(\x01\x30\x01\x12>\n\x05Score\x12\x19.reranker.v1.ScoreRequest\x1a\x1a.reranker.v1.ScoreResponse\x12H\n\x0cGetModelInfo\x12 .reranker.v1.GetModelInfoRequest\x1a\x16.reranker.v1.ModelInfoBw\n\x1aio.github.qwen3reranker.v1B\rRerankerProtoP\x01ZHgithub.com/qwen3-reranker-service/reranker/gen/go/reranker/v1;rerankerv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,40 +33,42 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'reranker.v1.reranker_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\032io.github.qwen3reranker.v1B\rRerankerProtoP\001ZHgithub.com/qwen3-reranker-service/reranker/gen/go/reranker/v1;rerankerv1'
-  _globals['_PRIORITY']._serialized_start=2140
-  _globals['_PRIORITY']._serialized_end=2222
-  _globals['_TRUNCATION']._serialized_start=2224
-  _globals['_TRUNCATION']._serialized_end=2305
-  _globals['_PRECISION']._serialized_start=2308
-  _globals['_PRECISION']._serialized_end=2445
+  _globals['_PRIORITY']._serialized_start=2320
+  _globals['_PRIORITY']._serialized_end=2402
+  _globals['_TRUNCATION']._serialized_start=2404
+  _globals['_TRUNCATION']._serialized_end=2507
+  _globals['_PRECISION']._serialized_start=2510
+  _globals['_PRECISION']._serialized_end=2647
   _globals['_RERANKREQUEST']._serialized_start=76
   _globals['_RERANKREQUEST']._serialized_end=381
-  _globals['_SCOREDDOCUMENT']._serialized_start=383
-  _globals['_SCOREDDOCUMENT']._serialized_end=497
-  _globals['_USAGE']._serialized_start=499
-  _globals['_USAGE']._serialized_end=570
-  _globals['_TIMING']._serialized_start=573
-  _globals['_TIMING']._serialized_end=754
-  _globals['_REQUESTERROR']._serialized_start=756
-  _globals['_REQUESTERROR']._serialized_end=801
-  _globals['_RERANKRESPONSE']._serialized_start=804
-  _globals['_RERANKRESPONSE']._serialized_end=1000
-  _globals['_SCOREDDOCUMENTS']._serialized_start=1002
-  _globals['_SCOREDDOCUMENTS']._serialized_end=1065
-  _globals['_RERANKSTREAMRESPONSE']._serialized_start=1067
-  _globals['_RERANKSTREAMRESPONSE']._serialized_end=1192
-  _globals['_PAIR']._serialized_start=1194
-  _globals['_PAIR']._serialized_end=1233
-  _globals['_SCOREREQUEST']._serialized_start=1236
-  _globals['_SCOREREQUEST']._serialized_end=1439
-  _globals['_SCORERESPONSE']._serialized_start=1442
-  _globals['_SCORERESPONSE']._serialized_end=1595
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1597
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1618
-  _globals['_LIMITS']._serialized_start=1621
-  _globals['_LIMITS']._serialized_end=1910
-  _globals['_MODELINFO']._serialized_start=1913
-  _globals['_MODELINFO']._serialized_end=2138
-  _globals['_RERANKER']._serialized_start=2448
-  _globals['_RERANKER']._serialized_end=2819
+  _globals['_SCOREDDOCUMENT']._serialized_start=384
+  _globals['_SCOREDDOCUMENT']._serialized_end=548
+  _globals['_SPAN']._serialized_start=550
+  _globals['_SPAN']._serialized_end=584
+  _globals['_USAGE']._serialized_start=586
+  _globals['_USAGE']._serialized_end=683
+  _globals['_TIMING']._serialized_start=686
+  _globals['_TIMING']._serialized_end=867
+  _globals['_REQUESTERROR']._serialized_start=869
+  _globals['_REQUESTERROR']._serialized_end=914
+  _globals['_RERANKRESPONSE']._serialized_start=917
+  _globals['_RERANKRESPONSE']._serialized_end=1113
+  _globals['_SCOREDDOCUMENTS']._serialized_start=1115
+  _globals['_SCOREDDOCUMENTS']._serialized_end=1178
+  _globals['_RERANKSTREAMRESPONSE']._serialized_start=1180
+  _globals['_RERANKSTREAMRESPONSE']._serialized_end=1305
+  _globals['_PAIR']._serialized_start=1307
+  _globals['_PAIR']._serialized_end=1346
+  _globals['_SCOREREQUEST']._serialized_start=1349
+  _globals['_SCOREREQUEST']._serialized_end=1552
+  _globals['_SCORERESPONSE']._serialized_start=1555
+  _globals['_SCORERESPONSE']._serialized_end=1708
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1710
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1731
+  _globals['_LIMITS']._serialized_start=1734
+  _globals['_LIMITS']._serialized_end=2090
+  _globals['_MODELINFO']._serialized_start=2093
+  _globals['_MODELINFO']._serialized_end=2318
+  _globals['_RERANKER']._serialized_start=2650
+  _globals['_RERANKER']._serialized_end=3021
 # @@protoc_insertion_point(module_scope)

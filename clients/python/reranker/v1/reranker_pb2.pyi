@@ -21,6 +21,7 @@ class Truncation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRUNCATION_UNSPECIFIED: _ClassVar[Truncation]
     TRUNCATION_END: _ClassVar[Truncation]
     TRUNCATION_NONE: _ClassVar[Truncation]
+    TRUNCATION_CHUNK: _ClassVar[Truncation]
 
 class Precision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -36,6 +37,7 @@ PRIORITY_BATCH: Priority
 TRUNCATION_UNSPECIFIED: Truncation
 TRUNCATION_END: Truncation
 TRUNCATION_NONE: Truncation
+TRUNCATION_CHUNK: Truncation
 PRECISION_UNSPECIFIED: Precision
 PRECISION_FP32: Precision
 PRECISION_FP16: Precision
@@ -70,30 +72,44 @@ class RerankRequest(_message.Message):
     def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., instruction: _Optional[str] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., request_id: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cancel: _Optional[bool] = ..., max_tokens_per_doc: _Optional[int] = ...) -> None: ...
 
 class ScoredDocument(_message.Message):
-    __slots__ = ("index", "score", "logit", "document", "truncated", "tokens")
+    __slots__ = ("index", "score", "logit", "document", "truncated", "tokens", "span", "windows")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     LOGIT_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
     index: int
     score: float
     logit: float
     document: str
     truncated: bool
     tokens: int
-    def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ..., logit: _Optional[float] = ..., document: _Optional[str] = ..., truncated: _Optional[bool] = ..., tokens: _Optional[int] = ...) -> None: ...
+    span: Span
+    windows: int
+    def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ..., logit: _Optional[float] = ..., document: _Optional[str] = ..., truncated: _Optional[bool] = ..., tokens: _Optional[int] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., windows: _Optional[int] = ...) -> None: ...
+
+class Span(_message.Message):
+    __slots__ = ("start", "end")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("documents", "tokens", "truncated_documents")
+    __slots__ = ("documents", "tokens", "truncated_documents", "cached_documents")
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     documents: int
     tokens: int
     truncated_documents: int
-    def __init__(self, documents: _Optional[int] = ..., tokens: _Optional[int] = ..., truncated_documents: _Optional[int] = ...) -> None: ...
+    cached_documents: int
+    def __init__(self, documents: _Optional[int] = ..., tokens: _Optional[int] = ..., truncated_documents: _Optional[int] = ..., cached_documents: _Optional[int] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("tokenize", "queue", "compute", "total")
@@ -184,7 +200,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_length", "max_documents_per_request", "max_query_chars", "max_document_chars", "max_message_bytes", "max_batch_tokens", "max_batch_size", "max_wait", "max_queue_pairs", "max_queue_tokens")
+    __slots__ = ("max_length", "max_documents_per_request", "max_query_chars", "max_document_chars", "max_message_bytes", "max_batch_tokens", "max_batch_size", "max_wait", "max_queue_pairs", "max_queue_tokens", "max_windows_per_document", "max_windows_per_request")
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_DOCUMENTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_QUERY_CHARS_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +211,8 @@ class Limits(_message.Message):
     MAX_WAIT_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_PAIRS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WINDOWS_PER_DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_WINDOWS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     max_length: int
     max_documents_per_request: int
     max_query_chars: int
@@ -205,7 +223,9 @@ class Limits(_message.Message):
     max_wait: _duration_pb2.Duration
     max_queue_pairs: int
     max_queue_tokens: int
-    def __init__(self, max_length: _Optional[int] = ..., max_documents_per_request: _Optional[int] = ..., max_query_chars: _Optional[int] = ..., max_document_chars: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_queue_pairs: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ...) -> None: ...
+    max_windows_per_document: int
+    max_windows_per_request: int
+    def __init__(self, max_length: _Optional[int] = ..., max_documents_per_request: _Optional[int] = ..., max_query_chars: _Optional[int] = ..., max_document_chars: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_queue_pairs: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ..., max_windows_per_document: _Optional[int] = ..., max_windows_per_request: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("model_id", "revision", "precision", "devices", "limits", "default_instruction", "server_version", "model_memory_bytes")
