@@ -133,9 +133,9 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                     call = _Call(self, rpc, context)
                     try:
                         try:
-                            responses = behaviour(check(request), context)
-                            del request  # only the call's own frames hold it (see _Call)
                             with self._limit.taken():
+                                responses = behaviour(check(request), context)
+                                del request  # only the call's own frames hold it (see _Call)
                                 async for response in responses:
                                     yield response
                         except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -155,9 +155,9 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 call = _Call(self, rpc, context)
                 try:
                     try:
-                        answer = behaviour(check(request), context)
-                        del request  # only the call's own frames hold it (see _Call)
                         with self._limit.taken():
+                            answer = behaviour(check(request), context)
+                            del request  # only the call's own frames hold it (see _Call)
                             return await answer
                     except (grpc.aio.AbortError, asyncio.CancelledError):
                         raise
