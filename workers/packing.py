@@ -59,18 +59,20 @@ class Packed:
         """Tokens the model runs, padding included."""
         return self.input_ids.numel()
 
-    def visible(self) -> torch.Tensor:
-        """(rows, width, width) bool: may query q see key k."""
-        width = self.input_ids.shape[1]
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        same_part = self.part[:, :, None] == self.part[:, None, :]
-        own_head = self.head[:, None, :] & (self.segment[:, :, None] == self.segment[:, None, :])
+    def visible(self, device: torch.device | None = None) -> torch.Tensor:
+        """(rows, width, width) bool, built on `device`: may query q see key k."""
+        part, segment, head = (tensor.to(device) for tensor in (self.part, self.segment, self.head))
+        width = part.shape[1]
+        causal = torch.ones(width, width, dtype=torch.bool, device=part.device).tril()
+        same_part = part[:, :, None] == part[:, None, :]
+        own_head = head[:, None, :] & (segment[:, :, None] == segment[:, None, :])
         return causal & (same_part | own_head)
 
-    def dense_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """(rows, 1, width, width): 0 where a query may see a key, -inf elsewhere."""
-        hidden = ~self.visible()
-        return torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, float("-inf"))[:, None]
+    def dense_mask(self, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+        """(rows, 1, width, width), built on `device` (only the ids cross to it):
+        0 where a query may see a key, -inf elsewhere."""
+        hidden = ~self.visible(device)
+        return torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden, float("-inf"))[:, None]
 
     def block_mask(self, device: torch.device):
         """The same mask as a FlexAttention BlockMask, on `device`."""

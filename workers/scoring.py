@@ -192,7 +192,7 @@ class Scorer:
         if self.backbone.config._attn_implementation == "flex_attention":
             mask = packed.block_mask(self.device)
         else:
-            mask = self._put(packed.dense_mask(self.backbone.get_input_embeddings().weight.dtype))
+            mask = packed.dense_mask(self.backbone.get_input_embeddings().weight.dtype, self.device)
         hidden = self.backbone(
             input_ids=self._put(packed.input_ids),
             position_ids=self._put(packed.position_ids),
