@@ -158,8 +158,8 @@ class SortedCardRecipe(CardRecipe):
         for start in range(0, len(order), self.setup.batch_size):
             chosen = order[start : start + self.setup.batch_size]
             ids = [self.prefix_tokens + bodies[index] + self.suffix_tokens for index in chosen]
-            inputs = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
-            inputs = {key: value.to(self.model.device) for key, value in inputs.items()}
+            padded = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+            inputs = {key: value.to(self.model.device) for key, value in padded.items()}
             logits = self.model(**inputs, **self.keep).logits[:, -1, :]
             for index, logit in zip(chosen, (logits[:, self.yes] - logits[:, self.no]).float().tolist(), strict=True):
                 flat[index] = logit
@@ -218,7 +218,7 @@ class EngineReranker:
 
     @property
     def embeddings(self) -> torch.nn.Module:
-        return self.scorer.backbone.get_input_embeddings()
+        return self.scorer.embeddings
 
     def __call__(self, query: str, documents: Sequence[str]) -> list[float]:
         pairs = self.encoder.encode([(query, document) for document in documents])

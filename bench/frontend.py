@@ -40,6 +40,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from tokenizers import Tokenizer
 
@@ -107,7 +108,7 @@ async def drive(address: str, shape: Shape, documents: Sequence[str], seconds: f
     from reranker.v1 import reranker_pb2_grpc
 
     loop = asyncio.get_running_loop()
-    state = {"measuring": False, "stop": False, "pairs": 0, "calls": 0, "latencies": [], "counter": 0}
+    state: dict[str, Any] = {"measuring": False, "stop": False, "pairs": 0, "calls": 0, "latencies": [], "counter": 0}
 
     async def client(stub) -> None:
         while not state["stop"]:

@@ -102,7 +102,7 @@ def measure(
         scorer = load_scorer(model_dir, device, variant.precision, variant.attn, variant.layout, variant.compile_mode)
         scorer.warm_up(max(pair.length for pairs in requests for pair in pairs), budget)
         score_requests(scorer, requests[:1], budget, rows)
-    counter = TokenCounter(scorer.backbone.get_input_embeddings())
+    counter = TokenCounter(scorer.embeddings)
     with Stopwatch(sync) as timed:
         logits = score_requests(scorer, requests, budget, rows)
     pairs = sum(len(r) for r in requests)

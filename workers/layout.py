@@ -7,7 +7,7 @@ validates names).
   packed  packed rows: the head once per row, documents back to back behind it,
           an attention mask keeping them apart (workers/packing.py)
 
-Both give the same scores (tests/test_layouts.py). `auto` takes, per device,
+Both give the same scores (tests/test_row_layouts.py). `auto` takes, per device,
 the layout bench/layouts.py measured fastest there; a layout never measured on
 a device is never its default. The figures are in BENCHMARKS.md ("Layouts").
 """

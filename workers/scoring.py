@@ -29,6 +29,7 @@ import inspect
 import time
 from array import array
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -65,10 +66,20 @@ class Scorer:
     width_multiple: int = 1  # rows are padded to a multiple of this many tokens (see `compile`)
     # The backbone's name for the key/value cache argument (`cache` from transformers 5.24).
     _cache_keyword: str = field(init=False)
+    # Whether attention runs through FlexAttention (packed rows then take a block mask).
+    _flex: bool = field(init=False)
 
     def __post_init__(self) -> None:
         parameters = inspect.signature(self.backbone.forward).parameters
         self._cache_keyword = "cache" if "cache" in parameters else "past_key_values"
+        backbone: Any = self.backbone  # a transformers model: its config is no submodule
+        self._flex = backbone.config._attn_implementation == "flex_attention"
+
+    @property
+    def embeddings(self) -> torch.nn.Module:
+        """The input embedding layer: every token the body computes goes in there."""
+        backbone: Any = self.backbone
+        return backbone.get_input_embeddings()
 
     @torch.inference_mode()
     def score(self, batch: ScoreBatch) -> tuple[torch.Tensor, int]:
@@ -133,7 +144,7 @@ class Scorer:
         or recorded, once."""
         if mode == "off":
             return
-        self.backbone = torch.compile(self.backbone, mode=mode)
+        self.backbone = cast(torch.nn.Module, torch.compile(self.backbone, mode=mode))
         self.width_multiple = _COMPILED_WIDTH_MULTIPLE
 
     def _forward_whole(self, rows: list[torch.Tensor]) -> torch.Tensor:
@@ -189,10 +200,10 @@ class Scorer:
         ]
         segments += [Segment(nothing, [rows[index].tokens], [index]) for index in alone]
         packed = pack(segments, self.packed_row_tokens, self.width_multiple)
-        if self.backbone.config._attn_implementation == "flex_attention":
+        if self._flex:
             mask = packed.block_mask(self.device)
         else:
-            mask = packed.dense_mask(self.backbone.get_input_embeddings().weight.dtype, self.device)
+            mask = packed.dense_mask(next(self.embeddings.parameters()).dtype, self.device)
         hidden = self.backbone(
             input_ids=self._put(packed.input_ids),
             position_ids=self._put(packed.position_ids),
