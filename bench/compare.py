@@ -473,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print_header(report)
         for precision in args.dtype:
             setup = Setup(model_dir, precision, args.device, args.threads, args.batch_size, args.max_length,
-                          report["settings"]["max_batch_tokens"], args.max_batch_size, args.min_padding_efficiency,
+                          args.max_batch_tokens, args.max_batch_size, args.min_padding_efficiency,
                           classifier_dir, args.layout)  # fmt: skip
             peak = matmul_peak(args.device, precision)
             rounds = [

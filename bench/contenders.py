@@ -53,7 +53,7 @@ class Setup:
     threads: int  # torch threads in process; --cpu-threads for the service
     batch_size: int  # rows per batch for the card recipes and sentence-transformers
     max_length: int
-    max_batch_tokens: int  # the service's planner limits, for the engine and the service
+    max_batch_tokens: int  # the service's planner limits, for the engine and the service (0: the device's)
     max_batch_size: int
     min_padding_efficiency: float
     classifier_dir: str = ""  # the sequence-classification copy, for sentence-transformers
@@ -207,10 +207,14 @@ class EngineReranker:
     def __init__(self, setup: Setup) -> None:
         from tokenizers import Tokenizer
 
+        from service.settings import Settings
         from workers.prompt import PromptEncoder
         from workers.scoring import load_scorer
 
         self.scorer = load_scorer(setup.model_dir, setup.device, setup.precision, layout=setup.layout)
+        # The service's budget: the given one, or its default for the device.
+        defaults = Settings(model=setup.model_dir, max_length=setup.max_length)
+        self.budget = setup.max_batch_tokens or defaults.batch_tokens(setup.device)
         self.encoder = PromptEncoder(
             Tokenizer.from_file(str(pathlib.Path(setup.model_dir) / "tokenizer.json")), setup.max_length
         )
@@ -224,7 +228,7 @@ class EngineReranker:
         pairs = self.encoder.encode([(query, document) for document in documents])
         scores = [0.0] * len(pairs)
         setup = self.setup
-        for batch in plan_batches(pairs, setup.max_batch_tokens, setup.max_batch_size, setup.min_padding_efficiency):
+        for batch in plan_batches(pairs, self.budget, setup.max_batch_size, setup.min_padding_efficiency):
             logits, _ = self.scorer.score(ScoreBatch.from_pairs(0, [pairs[index] for index in batch]))
             for index, logit in zip(batch, logits.tolist(), strict=True):
                 scores[index] = logit
