@@ -92,7 +92,7 @@ def test_the_tokens_file_format(tmp_path):
     tokens.write_text("# accepted\n  alpha  \n\n   # indented\n\t# tabbed\n\tbeta\n")
     assert Settings(model="m", auth_tokens_file=str(tokens)).accepted_tokens() == ("alpha", "beta")
     tokens.write_text("#\n   # only comments\n \t \n")
-    with pytest.raises(ValueError, match="holds no token .* refusing to start with authentication off"):
+    with pytest.raises(ValueError, match=r"holds no token .* refusing to start with authentication off"):
         Settings(model="m", auth_tokens_file=str(tokens)).accepted_tokens()
     tokens.write_text("two words\n")
     with pytest.raises(ValueError, match="line 1: a token cannot hold whitespace"):
