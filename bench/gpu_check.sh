@@ -14,7 +14,8 @@
 #   GPU_CHECK_REQUESTS=1 GPU_CHECK_VARIANTS="padded packed" GPU_CHECK_PROFILE_LAYOUTS="padded packed" \
 #   GPU_CHECK_BUDGET=512 bash bench/gpu_check.sh
 #
-# Steps, each with a time limit (a step cut short keeps what it finished in its JSON):
+# Steps, each with a time limit (a step cut short keeps what it finished in its JSON); the limits
+# add up to about 7.5 minutes with the wheels' install, so the whole check fits in 8 even at worst:
 #   1. environment;
 #   2. correctness on CUDA (tests/test_gpu.py: every precision, fp8 included, and
 #      every layout, FlexAttention included, against CPU fp32);
@@ -69,21 +70,21 @@ step environment
   $PYTHON -c "import torchao as t; print('torchao', t.__version__)" 2>&1 | tail -1
 } | tee "$OUT/environment.txt"
 
-step "correctness on CUDA (at most 90 s)"
-limited 90 $PYTHON -m pytest -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | grep -v "MatMul8bitLt\|warnings.warn" | tee "$OUT/test_gpu.txt"
+step "correctness on CUDA (at most 75 s)"
+limited 75 $PYTHON -m pytest -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | grep -v "MatMul8bitLt\|warnings.warn" | tee "$OUT/test_gpu.txt"
 
-step "random checkpoints: $SHAPES (at most 45 s)"
+step "random checkpoints: $SHAPES (at most 30 s each)"
 for shape in $SHAPES; do
   [ -f "$CHECKPOINTS/$shape/config.json" ] && continue
   weights=$([ "$DEVICE" = cpu ] && echo float32 || echo bfloat16)
-  limited 45 $PYTHON -c "import sys; from bench.common import save_random_checkpoint as s; s(sys.argv[1], sys.argv[2], sys.argv[3] or None, dtype=sys.argv[4], device=sys.argv[5])" \
+  limited 30 $PYTHON -c "import sys; from bench.common import save_random_checkpoint as s; s(sys.argv[1], sys.argv[2], sys.argv[3] or None, dtype=sys.argv[4], device=sys.argv[5])" \
     "$shape" "$CHECKPOINTS/$shape" "${TOKENIZER[1]:-}" "$weights" "$DEVICE"
 done
 
 for shape in $SHAPES; do
   case $shape in
-    4b) limit=60; requests=${REQUESTS:-8}; layouts=${PROFILE_LAYOUTS:-"padded packed"} ;;
-    *) limit=45; requests=${REQUESTS:-16}; layouts=${PROFILE_LAYOUTS:-"padded packed packed/flex"} ;;
+    4b) limit=55; requests=${REQUESTS:-8}; layouts=${PROFILE_LAYOUTS:-"padded packed"} ;;
+    *) limit=40; requests=${REQUESTS:-16}; layouts=${PROFILE_LAYOUTS:-"padded packed packed/flex"} ;;
   esac
   step "profile, $shape shape, $DTYPE, layouts $layouts (at most $limit s)"
   # shellcheck disable=SC2086  # layouts is a list
@@ -93,8 +94,8 @@ done
 
 for shape in $SHAPES; do
   case $shape in
-    4b) limit=90; requests=${REQUESTS:-4}; variants=${VARIANTS:-"padded packed packed/flex fp8/padded"} ;;
-    *) limit=130; requests=${REQUESTS:-8}
+    4b) limit=80; requests=${REQUESTS:-4}; variants=${VARIANTS:-"padded packed packed/flex fp8/padded"} ;;
+    *) limit=110; requests=${REQUESTS:-8}
        variants=${VARIANTS:-"padded packed packed/flex padded/compile padded/graphs fp8/padded int8/padded"} ;;
   esac
   budgets=$([ "$BUDGET" = 0 ] && echo 32768 || echo "$BUDGET")
