@@ -58,7 +58,7 @@ def test_every_contender_reports_every_figure_and_agrees_with_the_card(tiny_mode
     assert len(block["targets"]) == 5 and all(isinstance(t["pass"], bool) for t in block["targets"])
     # card-sorted scored every request at once: each request waited for the whole run
     sorted_card = block["contenders"]["card-sorted"]
-    assert sorted_card["p50_ms"] == sorted_card["p99_ms"] == pytest.approx(1000 * sorted_card["seconds"], abs=0.1)
+    assert sorted_card["p50_ms"] == sorted_card["p99_ms"] == pytest.approx(1000 * sorted_card["seconds"], abs=1)
 
 
 def test_repeat_reports_the_median_ratio_and_its_spread(tiny_model, tmp_path):
