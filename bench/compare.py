@@ -13,7 +13,13 @@ waste rather than work; the peak is a matrix multiply measured here, on the same
 device, dtype and threads. Also: every contender's largest logit difference from
 the card recipe, the service's speed over each, and the issue's targets.
 
+With `--repeat N` every contender runs N times, interleaved (each round runs
+them all once), and the speed ratios are reported as the median of the N
+rounds with their spread (lowest and highest): on a shared machine one round
+can read 15% either way.
+
     python -m bench.compare --shape cpu --workload a            # this CPU, a few minutes
+    python -m bench.compare --shape cpu --workload a --repeat 3 --contenders card-sorted engine service
     python -m bench.compare --shape cpu --workload b --requests 64
     python -m bench.compare --shape 4b --device cuda --dtype bf16 fp16 int8
     python -m bench.compare --model /path/to/checkpoint --workload c
@@ -49,6 +55,7 @@ from bench.contenders import (
     sequence_classification_copy,
 )
 from service.settings import Settings
+from workers.layout import LAYOUTS, resolve_layout
 from workers.prompt import PromptEncoder
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -60,7 +67,8 @@ COMPUTE_DTYPES = {
     "int8": torch.int8,
     "nf4": torch.bfloat16,
 }
-REFERENCES = ("card", "card-keep1")  # the same computation; the second when the first was not run
+# The same computation; the later ones when the earlier did not run.
+REFERENCES = ("card", "card-keep1", "card-sorted")
 
 
 @dataclass(frozen=True)
@@ -74,22 +82,29 @@ class Target:
     at_least: bool  # the value must be >= bound (else <= bound)
     bound: float
 
-    def check(self, figures: dict) -> dict:
-        value = self.value(figures)
+    def check(self, rounds: Sequence[dict]) -> dict:
+        """The target over rounds of figures: its median value against the bound, and the spread."""
+        values = [self.value(figures) for figures in rounds]
+        value = median(values)
         passed = value >= self.bound if self.at_least else value <= self.bound
         return {
             "target": self.label,
             "value": round(value, 2),
             "bound": f"{'>=' if self.at_least else '<='} {self.bound}",
             "pass": passed,
+            "spread": spread(values),
         }
 
 
-def _speed_over(name: str) -> Callable[[dict], float]:
-    return lambda f: f[SERVICE]["pairs_per_s"] / f[name]["pairs_per_s"]
+def _speed_over(name: str, of: str = SERVICE) -> Callable[[dict], float]:
+    return lambda f: f[of]["pairs_per_s"] / f[name]["pairs_per_s"]
 
 
 TARGETS = (
+    Target("a", "service ÷ card-sorted pairs/s", (SERVICE, "card-sorted"), _speed_over("card-sorted"), True, 1.4),
+    Target(
+        "a", "engine ÷ card-sorted pairs/s", ("engine", "card-sorted"), _speed_over("card-sorted", "engine"), True, 1.45
+    ),
     Target("a", "service ÷ card-keep1 pairs/s", (SERVICE, "card-keep1"), _speed_over("card-keep1"), True, 1.8),
     Target(
         "a",
@@ -103,6 +118,7 @@ TARGETS = (
     Target(
         "b", "service p99 ÷ p50 latency", (SERVICE,), lambda f: f[SERVICE]["p99_ms"] / f[SERVICE]["p50_ms"], False, 3.0
     ),
+    Target("c", "service ÷ card-keep1 pairs/s", (SERVICE, "card-keep1"), _speed_over("card-keep1"), True, 1.0),
 )
 
 
@@ -188,7 +204,10 @@ def agreement(runs: dict[str, Run]) -> tuple[str, float, dict[str, float]]:
         reference,
         max(abs(x) for request in truth for x in request),
         {
-            name: max(abs(a - b) for got, want in zip(run.scores, truth) for a, b in zip(got, want))
+            # the card ran only the first requests: compare those
+            name: max(
+                abs(a - b) for got, want in zip(run.scores, truth, strict=False) for a, b in zip(got, want, strict=True)
+            )
             for name, run in runs.items()
             if not run.error
         },
@@ -196,13 +215,13 @@ def agreement(runs: dict[str, Run]) -> tuple[str, float, dict[str, float]]:
 
 
 def compare_precision(
-    setup: Setup, workload: workloads.Workload, card_requests: int, contenders: Sequence[str]
+    setup: Setup, workload: workloads.Workload, card_requests: int, contenders: Sequence[str], label: str = ""
 ) -> dict[str, Run]:
     """Every contender on the workload at one precision; the full-logits card
     recipe only on the first `card_requests` requests (it is that slow)."""
     runs = {}
     for name in contenders:
-        print(f"  {setup.precision} {name} ...", file=sys.stderr, flush=True)
+        print(f"  {setup.precision} {name} {label}...", file=sys.stderr, flush=True)
         try:
             if name == SERVICE:
                 runs[name] = run_service(setup, workload.requests, workload.clients)
@@ -216,44 +235,80 @@ def compare_precision(
 
 
 def summarize(
-    runs: dict[str, Run], lengths: Sequence[Sequence[int]], cost: ModelCost, peak_flops: float, workload: str
+    rounds: Sequence[dict[str, Run]],
+    lengths: Sequence[Sequence[int]],
+    cost: ModelCost,
+    peak_flops: float,
+    workload: str,
 ) -> dict:
-    """One precision's figures, agreement, the service's speed over each contender, and the targets."""
-    result = {name: figures(run, lengths, cost, peak_flops) for name, run in runs.items()}
-    reference, scale, differences = agreement(runs)
-    for name, difference in differences.items():
-        result[name]["max_abs_logit_diff"] = round(difference, 6)
-    ok = {name: f for name, f in result.items() if "error" not in f}
-    ratios = (
-        {name: round(ok[SERVICE]["pairs_per_s"] / f["pairs_per_s"], 2) for name, f in ok.items() if name != SERVICE}
-        if SERVICE in ok
-        else {}
-    )
+    """One precision's figures (the median round's, per contender), agreement,
+    the service's speed over each contender, and the targets; with more than one
+    round, each ratio and target value is the median over the rounds, with its spread."""
+    per_round = [{name: figures(run, lengths, cost, peak_flops) for name, run in runs.items()} for runs in rounds]
+    for runs, result in zip(rounds, per_round, strict=True):
+        _, _, differences = agreement(runs)
+        for name, difference in differences.items():
+            result[name]["max_abs_logit_diff"] = round(difference, 6)
+    reference, scale, _ = agreement(rounds[0])
+    ok_rounds = [{name: f for name, f in result.items() if "error" not in f} for result in per_round]
+    names = [name for name in per_round[0] if all(name in ok for ok in ok_rounds)]
+    contenders = {name: per_round[0][name] for name in per_round[0]}
+    for name in names:  # the round whose pairs/s is the median of this contender's
+        ranked = sorted(per_round, key=lambda result: result[name]["pairs_per_s"])
+        contenders[name] = {**ranked[(len(ranked) - 1) // 2][name], "pairs_per_s_rounds": [
+            result[name]["pairs_per_s"] for result in per_round
+        ]}  # fmt: skip
+    ratios = {}
+    if SERVICE in names:
+        for name in names:
+            if name != SERVICE:
+                ratios[name] = spread([ok[SERVICE]["pairs_per_s"] / ok[name]["pairs_per_s"] for ok in ok_rounds])
     targets = [
-        target.check(ok)
+        target.check(ok_rounds)
         for target in TARGETS
-        if target.workload == workload and all(name in ok for name in target.needs)
+        if target.workload == workload and all(name in names for name in target.needs)
     ]
     return {
         "peak_flops": round(peak_flops),
+        "rounds": len(rounds),
         "reference": reference,
         "reference_max_abs_logit": round(scale, 4),
-        "contenders": result,
+        "contenders": contenders,
         "service_pairs_per_s_over": ratios,
         "targets": targets,
     }
 
 
+def median(values: Sequence[float]) -> float:
+    return percentile(values, 50)
+
+
+def spread(values: Sequence[float]) -> dict:
+    """The median of `values`, their lowest and highest, and each."""
+    return {
+        "median": round(median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+        "rounds": [round(v, 3) for v in values],
+    }
+
+
 def print_header(report: dict) -> None:
     w = report["workload"]
-    print(f"workload {w['name']}: {w['description']}; {w['requests']} requests, {w['pairs']} pairs, "
-          f"{w['mean_tokens_per_pair']} tokens per pair; {w['clients']} clients for the service")  # fmt: skip
-    print(f"model {report['model']} ({report['non_embedding_parameters'] / 1e6:.1f}M non-embedding parameters) on {report['device_name']}, "
-          f"{report['threads']} threads; load average {report['load_average_before']} at the start")  # fmt: skip
+    print(
+        f"workload {w['name']}: {w['description']}; {w['requests']} requests, {w['pairs']} pairs, "
+        f"{w['mean_tokens_per_pair']} tokens per pair; {w['clients']} clients for the service"
+    )
+    parameters = report["non_embedding_parameters"] / 1e6
+    print(
+        f"model {report['model']} ({parameters:.1f}M non-embedding parameters) on {report['device_name']}, "
+        f"{report['threads']} threads; load average {report['load_average_before']} at the start"
+    )
 
 
 def print_block(report: dict, precision: str) -> None:
-    """One precision's table: a row per contender, then the issue's targets."""
+    """One precision's table: a row per contender (its median round), then the
+    issue's targets; with several rounds each ratio reads median [lowest-highest]."""
     block = report["precisions"][precision]
     columns = (
         "req",
@@ -274,25 +329,36 @@ def print_block(report: dict, precision: str) -> None:
         )
     else:
         agreement_note = "no card recipe ran: scores unchecked"
+    rounds = f"median of {block['rounds']} rounds; " if block["rounds"] > 1 else ""
+    peak = block["peak_flops"] / 1e9
     print(
-        f"\n{precision}: matmul peak {block['peak_flops'] / 1e9:,.0f} GFLOP/s; {agreement_note}; load average {report['load_average_now']} now"
+        f"\n{precision}: {rounds}matmul peak {peak:,.0f} GFLOP/s; {agreement_note}; "
+        f"load average {report['load_average_now']} now"
     )
     print(f"{'':22}" + "".join(f"{c:>12}" for c in columns))
     for name, f in block["contenders"].items():
         if "error" in f:
             print(f"{name:22}  failed: {f['error'][:160]}")
             continue
+        ratio = block["service_pairs_per_s_over"].get(name)
         cells = (
-            f["requests"], f["pairs_per_s"], f["tokens_per_s"], f["p50_ms"], f["p95_ms"], f["p99_ms"], f["padding_efficiency"],
-            f["peak_memory_mib"], round(100 * f["mfu"], 2), f.get("max_abs_logit_diff", "-"),
-            f"{block['service_pairs_per_s_over'][name]:.2f}x" if name in block["service_pairs_per_s_over"] else "-",
+            f["requests"], f["pairs_per_s"], f["tokens_per_s"], f["p50_ms"], f["p95_ms"], f["p99_ms"],
+            f["padding_efficiency"], f["peak_memory_mib"], round(100 * f["mfu"], 2), f.get("max_abs_logit_diff", "-"),
+            f"{ratio['median']:.2f}x" if ratio else "-",
         )  # fmt: skip
         print(f"{name:22}" + "".join(f"{c if c is not None else '-':>12}" for c in cells))
+    if block["rounds"] > 1:
+        for name, ratio in block["service_pairs_per_s_over"].items():
+            rounds_seen = block["contenders"][name]["pairs_per_s_rounds"]
+            print(f"  service ÷ {name}: {_ranged(ratio)}; {name} pairs/s per round {rounds_seen}")
     note = "" if report["device"] == "cpu" and precision == "fp32" else "  (the targets are set for CPU fp32)"
     for target in block["targets"]:
-        print(
-            f"  target {target['target']}: {target['value']} ({target['bound']}) {'PASS' if target['pass'] else 'MISS'}{note}"
-        )
+        value = _ranged(target["spread"]) if block["rounds"] > 1 else target["value"]
+        print(f"  target {target['target']}: {value} ({target['bound']}) {'PASS' if target['pass'] else 'MISS'}{note}")
+
+
+def _ranged(spread: dict) -> str:
+    return f"{spread['median']:.2f} [{spread['min']:.2f}-{spread['max']:.2f}]"
 
 
 def environment(device: str) -> dict:
@@ -351,7 +417,21 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--batch-size", type=int, default=8, help="rows per batch for the card recipes and sentence-transformers"
     )
     parser.add_argument("--max-length", type=int, default=defaults["max_length"])
-    parser.add_argument("--max-batch-tokens", type=int, default=defaults["max_batch_tokens"])
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=defaults["max_batch_tokens"],
+        help="the engine's and the service's batch budget (default 0: the service's default for --device)",
+    )
+    parser.add_argument(
+        "--layout",
+        default=defaults["layout"],
+        choices=["auto", *LAYOUTS],
+        help="the engine's and the service's layout (default: auto, the service's default for --device)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds of every contender; ratios are reported as medians with spread"
+    )
     parser.add_argument("--max-batch-size", type=int, default=defaults["max_batch_size"])
     parser.add_argument("--min-padding-efficiency", type=float, default=defaults["min_padding_efficiency"])
     parser.add_argument(
@@ -393,10 +473,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print_header(report)
         for precision in args.dtype:
             setup = Setup(model_dir, precision, args.device, args.threads, args.batch_size, args.max_length,
-                          args.max_batch_tokens, args.max_batch_size, args.min_padding_efficiency, classifier_dir)  # fmt: skip
+                          args.max_batch_tokens, args.max_batch_size, args.min_padding_efficiency,
+                          classifier_dir, args.layout)  # fmt: skip
             peak = matmul_peak(args.device, precision)
-            runs = compare_precision(setup, workload, card_requests, args.contenders)
-            report["precisions"][precision] = summarize(runs, lengths, cost, peak, args.workload)
+            rounds = [
+                compare_precision(setup, workload, card_requests, args.contenders, f"(round {n + 1}/{args.repeat}) ")
+                for n in range(args.repeat)
+            ]
+            report["precisions"][precision] = summarize(rounds, lengths, cost, peak, args.workload)
             report["load_average_now"] = round(os.getloadavg()[0], 2)
             print_block(report, precision)
             path.write_text(json.dumps(report, indent=2) + "\n")
@@ -432,10 +516,13 @@ def describe(
             "clients": workload.clients,
             "card_requests": card_requests,
             "seed": args.seed,
-        },  # fmt: skip
+        },
         "settings": {
-            k: getattr(args, k)
-            for k in ("batch_size", "max_length", "max_batch_tokens", "max_batch_size", "min_padding_efficiency")
+            **{k: getattr(args, k) for k in ("batch_size", "max_length", "max_batch_size", "min_padding_efficiency")},
+            "max_batch_tokens": args.max_batch_tokens
+            or Settings(model=args.model or "random", max_length=args.max_length).batch_tokens(args.device),
+            "layout": resolve_layout(args.layout, args.device),
+            "repeat": args.repeat,
         },
         "precisions": {},
     }

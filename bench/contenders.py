@@ -3,6 +3,9 @@
   card                   the model card's code as written: batches of 8 in input
                          order, left padding, vocabulary-sized logits everywhere
   card-keep1             the same with logits_to_keep=1 (last position only)
+  card-sorted            card-keep1 on all of the workload's pairs at once, sorted
+                         by length, 8 per batch: the strongest simple program
+                         with the card's code (its latency is the whole run's)
   sentence-transformers  CrossEncoder on a sequence-classification copy of the
                          weights (one output: the "yes" row minus the "no" row)
   engine                 workers.scoring.Scorer fed the batches the service's
@@ -10,8 +13,8 @@
   service                the gRPC service itself: one worker process, driven by
                          concurrent grpc.aio clients
 
-The in-process ones score one request at a time, as a program that calls the
-library per incoming request would, and each runs in a fresh process so that
+The in-process ones (but card-sorted) score one request at a time, as a program
+that calls the library per incoming request would, and each runs in a fresh process so that
 its memory high-water mark is its own. All return logit(yes) - logit(no).
 """
 
@@ -50,10 +53,11 @@ class Setup:
     threads: int  # torch threads in process; --cpu-threads for the service
     batch_size: int  # rows per batch for the card recipes and sentence-transformers
     max_length: int
-    max_batch_tokens: int  # the service's planner limits, for the engine and the service
+    max_batch_tokens: int  # the service's planner limits, for the engine and the service (0: the device's)
     max_batch_size: int
     min_padding_efficiency: float
     classifier_dir: str = ""  # the sequence-classification copy, for sentence-transformers
+    layout: str = "auto"  # workers.layout, for the engine and the service
 
 
 @dataclass
@@ -80,6 +84,17 @@ class Reranker(Protocol):
         """The input embedding layer, where every token the body computes goes in."""
 
     def __call__(self, query: str, documents: Sequence[str]) -> list[float]: ...
+
+
+class WorkloadReranker(Protocol):
+    """An in-process contender that takes the whole workload at once."""
+
+    @property
+    def embeddings(self) -> torch.nn.Module: ...
+
+    def __call__(self, query: str, documents: Sequence[str]) -> list[float]: ...
+
+    def score_workload(self, requests: Sequence[Request]) -> list[list[float]]: ...
 
 
 class CardRecipe:
@@ -126,6 +141,35 @@ class CardRecipe:
         return scores
 
 
+class SortedCardRecipe(CardRecipe):
+    """card-keep1 given every pair of the workload at once: tokenized, sorted by
+    length, scored 8 (the batch size) at a time, so that batches pad little."""
+
+    def __init__(self, setup: Setup) -> None:
+        super().__init__(setup, keep_last=True)
+
+    @torch.no_grad()
+    def score_workload(self, requests: Sequence[Request]) -> list[list[float]]:
+        pairs = [format_body(DEFAULT_INSTRUCTION, r.query, d) for r in requests for d in r.documents]
+        budget = self.setup.max_length - len(self.prefix_tokens) - len(self.suffix_tokens)
+        bodies = self.tokenizer(pairs, padding=False, truncation="longest_first", max_length=budget)["input_ids"]
+        order = sorted(range(len(bodies)), key=lambda index: len(bodies[index]))
+        flat = [0.0] * len(pairs)
+        for start in range(0, len(order), self.setup.batch_size):
+            chosen = order[start : start + self.setup.batch_size]
+            ids = [self.prefix_tokens + bodies[index] + self.suffix_tokens for index in chosen]
+            padded = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+            inputs = {key: value.to(self.model.device) for key, value in padded.items()}
+            logits = self.model(**inputs, **self.keep).logits[:, -1, :]
+            for index, logit in zip(chosen, (logits[:, self.yes] - logits[:, self.no]).float().tolist(), strict=True):
+                flat[index] = logit
+        scores, used = [], 0
+        for request in requests:
+            scores.append(flat[used : used + len(request.documents)])
+            used += len(request.documents)
+        return scores
+
+
 class SentenceTransformersReranker:
     """CrossEncoder on the sequence-classification copy, its logits unsquashed.
     The prompt is split where the seq-cls Qwen3 rerankers split it: the query
@@ -163,10 +207,14 @@ class EngineReranker:
     def __init__(self, setup: Setup) -> None:
         from tokenizers import Tokenizer
 
+        from service.settings import Settings
         from workers.prompt import PromptEncoder
         from workers.scoring import load_scorer
 
-        self.scorer = load_scorer(setup.model_dir, setup.device, setup.precision)
+        self.scorer = load_scorer(setup.model_dir, setup.device, setup.precision, layout=setup.layout)
+        # The service's budget: the given one, or its default for the device.
+        defaults = Settings(model=setup.model_dir, max_length=setup.max_length)
+        self.budget = setup.max_batch_tokens or defaults.batch_tokens(setup.device)
         self.encoder = PromptEncoder(
             Tokenizer.from_file(str(pathlib.Path(setup.model_dir) / "tokenizer.json")), setup.max_length
         )
@@ -174,19 +222,22 @@ class EngineReranker:
 
     @property
     def embeddings(self) -> torch.nn.Module:
-        return self.scorer.backbone.get_input_embeddings()
+        return self.scorer.embeddings
 
     def __call__(self, query: str, documents: Sequence[str]) -> list[float]:
         pairs = self.encoder.encode([(query, document) for document in documents])
         scores = [0.0] * len(pairs)
-        for batch in plan_batches(pairs, self.setup):
+        setup = self.setup
+        for batch in plan_batches(pairs, self.budget, setup.max_batch_size, setup.min_padding_efficiency):
             logits, _ = self.scorer.score(ScoreBatch.from_pairs(0, [pairs[index] for index in batch]))
             for index, logit in zip(batch, logits.tolist(), strict=True):
                 scores[index] = logit
         return scores
 
 
-def plan_batches(pairs: Sequence[EncodedPair], setup: Setup) -> list[list[int]]:
+def plan_batches(
+    pairs: Sequence[EncodedPair], max_tokens: int, max_rows: int, min_efficiency: float
+) -> list[list[int]]:
     """The service's own batch planning (service.batcher.PendingQueue), as pair indices."""
     from service.batcher import PendingQueue
     from service.work import Job, QueuedPair
@@ -197,16 +248,17 @@ def plan_batches(pairs: Sequence[EncodedPair], setup: Setup) -> list[list[int]]:
         queue.push(QueuedPair(job, index, index, 0.0))
     batches = []
     while len(queue):
-        items, _ = queue.plan(setup.max_batch_tokens, setup.max_batch_size, setup.min_padding_efficiency)
+        items, _ = queue.plan(max_tokens, max_rows, min_efficiency)
         for item in items:
             queue.remove(item)
         batches.append([item.index for item in items])
     return batches
 
 
-RERANKERS: dict[str, Callable[[Setup], Reranker]] = {
+RERANKERS: dict[str, Callable[[Setup], Reranker | WorkloadReranker]] = {
     "card": lambda setup: CardRecipe(setup, keep_last=False),
     "card-keep1": lambda setup: CardRecipe(setup, keep_last=True),
+    "card-sorted": SortedCardRecipe,
     "sentence-transformers": SentenceTransformersReranker,
     "engine": EngineReranker,
 }
@@ -244,10 +296,15 @@ def measure(name: str, setup: Setup, requests: Sequence[Request]) -> Run:
     sync = torch.cuda.synchronize if setup.device.startswith("cuda") else None
     run = Run()
     with Stopwatch(sync) as total:
-        for request in requests:
-            with Stopwatch(sync) as watch:
-                run.scores.append(reranker(request.query, request.documents))
-            run.latencies.append(watch.seconds)
+        if hasattr(reranker, "score_workload"):
+            run.scores = reranker.score_workload(requests)
+        else:
+            for request in requests:
+                with Stopwatch(sync) as watch:
+                    run.scores.append(reranker(request.query, request.documents))
+                run.latencies.append(watch.seconds)
+    if not run.latencies:  # every request was answered when the whole run ended
+        run.latencies = [total.seconds] * len(requests)
     run.seconds, run.computed_tokens = total.seconds, counter.tokens
     if sync:
         run.peak_memory_bytes, run.memory_source = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
@@ -288,7 +345,7 @@ def run_service(setup: Setup, requests: Sequence[Request], clients: int) -> Run:
         setup.model_dir, "--device", setup.device, "--dtype", setup.precision, "--workers-per-device", "1",
         "--cpu-threads", str(setup.threads), "--max-length", str(setup.max_length),
         "--max-batch-tokens", str(setup.max_batch_tokens), "--max-batch-size", str(setup.max_batch_size),
-        "--min-padding-efficiency", str(setup.min_padding_efficiency),
+        "--min-padding-efficiency", str(setup.min_padding_efficiency), "--layout", setup.layout,
         "--score-cache-bytes", "0",  # every contender computes every pair, the warm-up's included
     )  # fmt: skip
     try:

@@ -18,7 +18,7 @@ import os
 import socket
 import ssl
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -185,9 +185,12 @@ def build(settings: Settings, launcher: Launcher | None = None) -> App:
         log_format=settings.log_format,
         log_level=settings.log_level,
         parent_pid=os.getpid(),
+        layout=settings.layout,
+        compile_mode=settings.torch_compile,
     )
+    specs = worker_specs(base, devices, settings.workers_per_device, settings.cpu_threads)
     pool = WorkerPool(
-        worker_specs(base, devices, settings.workers_per_device, settings.cpu_threads),
+        [replace(spec, max_batch_tokens=settings.batch_tokens(spec.device)) for spec in specs],
         metrics,
         batches_in_flight=settings.batches_in_flight,
         batch_timeout_s=settings.batch_timeout_s,

@@ -14,10 +14,17 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from workers.layout import COMPILE_MODES, LAYOUTS
 from workers.logs import LOG_FORMATS
 from workers.precision import PRECISIONS
 
 ENV_PREFIX = "RERANKER_"
+# max_batch_tokens 0 (the default) picks these per device. On this project's
+# 2-core CPU, in process, 2,048-token batches scored 1.2-1.3x as fast as
+# 4,096-token ones (issue 11; BENCHMARKS.md, "Batch budgets"); GPUs want large
+# batches, and 32,768 is what every GPU figure so far was measured with.
+CPU_BATCH_TOKENS = 2048
+CUDA_BATCH_TOKENS = 32768
 
 
 def _setting(default, help: str, **extra):
@@ -34,7 +41,23 @@ class Settings:
     dtype: str = _setting(
         "auto", "auto (bf16 on CUDA, fp32 on CPU) or one of " + ", ".join(PRECISIONS), choices=("auto", *PRECISIONS)
     )
-    attn_implementation: str = _setting("sdpa", "attention kernels", choices=("sdpa", "eager"))
+    attn_implementation: str = _setting(
+        "sdpa",
+        "attention kernels; flex_attention (FlexAttention, CUDA only) is untested on GPUs so far",
+        choices=("sdpa", "eager", "flex_attention"),
+    )
+    layout: str = _setting(
+        "auto",
+        "how the documents of one query run: padded (the query's keys and values copied to each document's row) "
+        "or packed (documents back to back behind one copy of the query); auto: the layout measured fastest "
+        "on the device (padded on CPU and CUDA so far)",
+        choices=("auto", *LAYOUTS),
+    )
+    torch_compile: str = _setting(
+        "off",
+        "run the model through torch.compile: off, default, or reduce-overhead (CUDA graphs); untested on GPUs so far",
+        choices=COMPILE_MODES,
+    )
     cpu_threads: int = _setting(0, "torch threads per CPU worker (0: the machine's cores shared among the CPU workers)")
     max_length: int = _setting(8192, "tokens per pair, prompt included; longer documents are cut at their end")
     # The network
@@ -59,7 +82,12 @@ class Settings:
     max_concurrent_streams: int = _setting(256, "HTTP/2 streams per client connection")
     max_requests_per_stream: int = _setting(256, "RerankMany requests in progress per stream; more wait (flow control)")
     # Batching
-    max_batch_tokens: int = _setting(32768, "padded tokens (rows x longest row) per batch")
+    max_batch_tokens: int = _setting(
+        0,
+        "padded tokens (rows x longest row) per batch; 0: per device, "
+        f"{CPU_BATCH_TOKENS:,} on a CPU (a longer pair runs alone) and {CUDA_BATCH_TOKENS:,} on CUDA "
+        "(at least max_length)",
+    )
     max_batch_size: int = _setting(256, "rows per batch")
     min_padding_efficiency: float = _setting(
         0.9,
@@ -133,7 +161,6 @@ class Settings:
         for name in (
             "workers_per_device",
             "max_length",
-            "max_batch_tokens",
             "max_batch_size",
             "batches_in_flight",
             "max_queue_pairs",
@@ -154,7 +181,9 @@ class Settings:
         for name in ("port", "http_port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 yield f"{name} must be a port number (0..65535), got {getattr(self, name)}"
-        if self.max_batch_tokens < self.max_length:
+        if self.max_batch_tokens < 0:
+            yield f"max_batch_tokens must be 0 (per device) or at least max_length, got {self.max_batch_tokens}"
+        elif 0 < self.max_batch_tokens < self.max_length:
             yield f"max_batch_tokens ({self.max_batch_tokens}) must hold one pair of max_length ({self.max_length})"
         if self.max_queue_pairs < self.max_documents_per_request:
             yield (
@@ -179,6 +208,17 @@ class Settings:
             yield "tls_cert and tls_key go together"
         if self.tls_client_ca and not self.tls_cert:
             yield "tls_client_ca (mutual TLS) needs tls_cert and tls_key"
+
+    def batch_tokens(self, device: str) -> int:
+        """The padded-token budget of a worker on `device`: max_batch_tokens, or
+        when that is 0 the device's default. On CUDA the default holds at least
+        one pair of max_length (the warm-up sizes its memory check from it); on a
+        CPU a longer pair is a batch of its own."""
+        if self.max_batch_tokens:
+            return self.max_batch_tokens
+        if device.startswith("cuda"):
+            return max(CUDA_BATCH_TOKENS, self.max_length)
+        return CPU_BATCH_TOKENS
 
     @property
     def tls(self) -> bool:

@@ -13,7 +13,8 @@ import torch
 
 from tests.texts import DOCUMENTS, QUERIES
 
-QUERY_SET = QUERIES + [
+QUERY_SET = [
+    *QUERIES,
     "capital city",
     "Eiffel tower height",
     "German history",
@@ -31,6 +32,9 @@ BOUNDS = {
     "int8": (0.99, 0.3, 0.2),
     "nf4": (0.80, 1.5, 1.25),
 }
+# Precisions only a GPU runs (tests/test_gpu.py). fp8 (torchao, compute capability
+# 8.9+) has not been measured yet: int8's bounds, until bench/gpu_check.sh says more.
+CUDA_ONLY_BOUNDS = {"fp8": (0.99, 0.3, 0.2)}
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -6,6 +6,8 @@ import itertools
 from array import array
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.batcher import PendingQueue
 from service.work import BATCH, INTERACTIVE, Job, QueuedPair
@@ -124,3 +126,35 @@ def test_plans_always_respect_the_limits(seed):
             queue.remove(item)
         taken += len(batch)
     assert taken == 300 and queue.tokens == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 600), st.sampled_from([INTERACTIVE, BATCH])), min_size=1, max_size=60),
+    st.integers(1, 2048),
+    st.integers(1, 16),
+    st.sampled_from([0.0, 0.5, 0.9]),
+)
+def test_planner_invariants(pairs, max_tokens, max_rows, min_efficiency):
+    """Property: draining the queue, every batch holds the oldest waiting pair of
+    the most urgent priority, keeps the row limit, the token budget (a pair over
+    the budget goes alone) and the padding bound, and every pair is planned once."""
+    queue, items = None, []
+    for length, priority in pairs:
+        queue, job = queue_of([length], priority, queue)  # one job per pair, arriving in order
+        items += job.items
+    planned = []
+    while len(queue):
+        waiting = [item for item in items if item.queued]
+        oldest = min(waiting, key=lambda item: (item.job.priority, item.seq))
+        batch, _ = queue.plan(max_tokens, max_rows, min_efficiency)
+        assert batch[0] is oldest
+        assert 1 <= len(batch) <= max_rows
+        width = max(item.length for item in batch)
+        if len(batch) > 1:
+            assert len(batch) * width <= max_tokens
+            assert sum(item.length for item in batch) >= min_efficiency * len(batch) * width
+        for item in batch:
+            queue.remove(item)
+        planned += batch
+    assert sorted(item.seq for item in planned) == sorted(item.seq for item in items)

@@ -14,6 +14,7 @@ from tests.doubles import out_of_memory_above
 from tests.pairs import encode, run
 from tests.reference import Recipe
 from tests.texts import DOCUMENTS, INSTRUCTIONS, QUERIES
+from workers.layout import LAYOUTS
 from workers.prompt import EncodedPair
 from workers.protocol import ScoreBatch
 from workers.scoring import load_scorer
@@ -39,11 +40,13 @@ def recipe_scores(model_dir, max_length, instruction, query):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_fp32_equals_the_recipe(tiny_model, max_length, attn):
     scorer = load_scorer(str(tiny_model), "cpu", "fp32", attn)
-    for instruction, query in zip(INSTRUCTIONS, QUERIES):  # default and custom instructions, three languages
+    for instruction, query in zip(
+        INSTRUCTIONS, QUERIES, strict=True
+    ):  # default and custom instructions, three languages
         expected = recipe_scores(tiny_model, max_length, instruction, query)
         # one mixed-length batch, as the batcher would send
         logits = run(scorer, encode(tiny_model, [(query, d) for d in DOCUMENTS], instruction or "", max_length))
-        for (probability, logit), ours in zip(expected, logits):
+        for (probability, logit), ours in zip(expected, logits, strict=True):
             assert ours == pytest.approx(logit, abs=1e-4)
             assert 1 / (1 + math.exp(-ours)) == pytest.approx(probability, abs=1e-5)
 
@@ -147,16 +150,18 @@ class _LargestOutput(TorchDispatchMode):
         return out
 
 
-def test_no_vocabulary_sized_logits(tiny_model, fp32):
-    encoded = encode(tiny_model, [(QUERIES[0], d) for d in DOCUMENTS[:4]])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_no_vocabulary_sized_logits(tiny_model, layout):
+    scorer = load_scorer(str(tiny_model), "cpu", "fp32", layout=layout)
+    encoded = encode(tiny_model, [(QUERIES[0], d) for d in DOCUMENTS[:4]])  # shared heads: the layout runs
     with _LargestOutput() as recorder:
-        run(fp32, encoded)
-    assert 0 < recorder.widest < fp32.vocab_size, "a vocabulary-wide tensor was computed"
+        run(scorer, encoded)
+    assert 0 < recorder.widest < scorer.vocab_size, "a vocabulary-wide tensor was computed"
     # the control: the recipe's forward does produce one
     recipe = Recipe(tiny_model)
     with _LargestOutput() as control, torch.no_grad():
         recipe.model(**recipe.process_inputs(["x"]))
-    assert control.widest == fp32.vocab_size
+    assert control.widest == scorer.vocab_size
 
 
 def test_out_of_memory_splits_the_batch(tiny_model, fp32):

@@ -7,7 +7,15 @@ import dataclasses
 
 import pytest
 
-from service.settings import Settings, add_arguments, build_settings, parse_devices, summary
+from service.settings import (
+    CPU_BATCH_TOKENS,
+    CUDA_BATCH_TOKENS,
+    Settings,
+    add_arguments,
+    build_settings,
+    parse_devices,
+    summary,
+)
 
 
 def parse(argv, environ=None) -> Settings:
@@ -51,6 +59,8 @@ def test_tokens_only_from_the_environment_and_never_in_the_summary():
             {},
             "max_batch_tokens (100) must hold one pair of max_length (8192)",
         ),
+        (["--model", "m", "--max-batch-tokens", "-1"], {}, "max_batch_tokens must be 0 (per device) or at least"),
+        (["--model", "m"], {"RERANKER_LAYOUT": "tree"}, "RERANKER_LAYOUT='tree'; choose one of auto, padded, packed"),
         (["--model", "m", "--workers-per-device", "0"], {}, "workers_per_device must be at least 1"),
         (["--model", "m", "--tls-cert", "c"], {}, "tls_cert and tls_key go together"),
         (["--model", "m", "--max-queue-pairs", "10"], {}, "max_queue_pairs (10) must hold one full request"),
@@ -82,8 +92,19 @@ def test_the_tokens_file_format(tmp_path):
     tokens.write_text("# accepted\n  alpha  \n\n   # indented\n\t# tabbed\n\tbeta\n")
     assert Settings(model="m", auth_tokens_file=str(tokens)).accepted_tokens() == ("alpha", "beta")
     tokens.write_text("#\n   # only comments\n \t \n")
-    with pytest.raises(ValueError, match="holds no token .* refusing to start with authentication off"):
+    with pytest.raises(ValueError, match=r"holds no token .* refusing to start with authentication off"):
         Settings(model="m", auth_tokens_file=str(tokens)).accepted_tokens()
     tokens.write_text("two words\n")
     with pytest.raises(ValueError, match="line 1: a token cannot hold whitespace"):
         Settings(model="m", auth_tokens_file=str(tokens)).accepted_tokens()
+
+
+def test_the_batch_budget_is_per_device_unless_given():
+    settings = parse(["--model", "m"])
+    assert settings.max_batch_tokens == 0 and settings.layout == "auto"
+    assert settings.batch_tokens("cpu") == CPU_BATCH_TOKENS < settings.max_length  # a longer pair runs alone
+    assert settings.batch_tokens("cuda:0") == CUDA_BATCH_TOKENS
+    # on CUDA the default always holds one pair of max_length
+    assert parse(["--model", "m", "--max-length", "40960"]).batch_tokens("cuda:1") == 40960
+    given = parse(["--model", "m", "--max-batch-tokens", "9000"])
+    assert given.batch_tokens("cpu") == given.batch_tokens("cuda:0") == 9000

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4")
-QUANTIZED = ("int8", "nf4")
+# fp8: torchao's float8 weights and dynamic activations, on CUDA GPUs of compute
+# capability 8.9 or newer (Ada, Hopper) only; unmeasured so far (bench/gpu_check.sh).
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4", "fp8")
+QUANTIZED = ("int8", "nf4", "fp8")
 
 
 def resolve_precision(requested: str, device: str) -> str:

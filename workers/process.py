@@ -45,6 +45,8 @@ class WorkerSpec:
     log_format: str
     log_level: str
     parent_pid: int
+    layout: str = "auto"  # workers.layout: how rows that share a head run; auto resolves per device
+    compile_mode: str = "off"  # workers.layout.COMPILE_MODES
 
 
 def run(sock: socket.socket, spec: WorkerSpec, load: Callable[[WorkerSpec], Loaded] | None = None) -> None:
@@ -97,7 +99,9 @@ def load_checkpoint(spec: WorkerSpec) -> Loaded:
         torch.set_num_threads(spec.threads)
         torch.set_num_interop_threads(1)
     start = time.perf_counter()
-    scorer = load_scorer(spec.model_path, spec.device, spec.precision, spec.attn_implementation)
+    scorer = load_scorer(
+        spec.model_path, spec.device, spec.precision, spec.attn_implementation, spec.layout, spec.compile_mode
+    )
     budget, seconds_per_token = scorer.warm_up(spec.max_length, spec.max_batch_tokens)
     return Loaded(scorer, budget, seconds_per_token, time.perf_counter() - start)
 

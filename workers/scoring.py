@@ -16,6 +16,11 @@ values are computed once, copied to each row, and only the rest of every row
 (document and suffix) runs through the model. The front end says how many
 leading tokens each row may share; rows are grouped here by those tokens'
 content, so sharing never depends on where the rows came from.
+
+That is the `padded` layout. The `packed` layout (workers/packing.py) lays the
+same groups into packed rows instead: each head once per row, its documents
+back to back behind it, an attention mask keeping them apart. Which layout
+runs is the worker's choice (workers/layout.py); both give the same scores.
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ import inspect
 import time
 from array import array
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
+from workers.layout import COMPILE_MODES, PACKED_ROW_TOKENS, resolve_layout
+from workers.packing import Segment, pack
 from workers.precision import resolve_precision
 from workers.prompt import answer_token_ids
 from workers.protocol import ScoreBatch
@@ -40,6 +48,8 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # 15.1 s shared and 10.3-13.2 s whole on the CPU, eight 1,000-token rows 3.2 s
 # shared and 3.4 s whole (6% skipped).
 _MIN_SHARED_FRACTION = 0.05
+# Under torch.compile, rows are padded to a multiple of this: fewer shapes to compile or record.
+_COMPILED_WIDTH_MULTIPLE = 64
 
 
 @dataclass
@@ -51,12 +61,25 @@ class Scorer:
     precision: str
     memory_bytes: int
     vocab_size: int
+    layout: str = "padded"  # how rows that share a head run: "padded" or "packed" (workers/layout.py)
+    packed_row_tokens: int = PACKED_ROW_TOKENS  # the packed layout's row length, unless a pair is longer
+    width_multiple: int = 1  # rows are padded to a multiple of this many tokens (see `compile`)
     # The backbone's name for the key/value cache argument (`cache` from transformers 5.24).
     _cache_keyword: str = field(init=False)
+    # Whether attention runs through FlexAttention (packed rows then take a block mask).
+    _flex: bool = field(init=False)
 
     def __post_init__(self) -> None:
         parameters = inspect.signature(self.backbone.forward).parameters
         self._cache_keyword = "cache" if "cache" in parameters else "past_key_values"
+        backbone: Any = self.backbone  # a transformers model: its config is no submodule
+        self._flex = backbone.config._attn_implementation == "flex_attention"
+
+    @property
+    def embeddings(self) -> torch.nn.Module:
+        """The input embedding layer: every token the body computes goes in there."""
+        backbone: Any = self.backbone
+        return backbone.get_input_embeddings()
 
     @torch.inference_mode()
     def score(self, batch: ScoreBatch) -> tuple[torch.Tensor, int]:
@@ -105,6 +128,8 @@ class Scorer:
             sharing = []
         together = [index for members in sharing for index in members]
         alone = sorted(set(range(len(rows))) - set(together))
+        if sharing and self.layout == "packed":
+            return self._forward_packed(rows, sharing, alone)
         logits = torch.empty(len(rows))
         if together:
             logits[together] = self._forward_sharing([[rows[index] for index in members] for members in sharing])
@@ -112,8 +137,18 @@ class Scorer:
             logits[alone] = self._forward_whole([rows[index].tokens for index in alone])
         return logits
 
+    def compile(self, mode: str) -> None:
+        """Run the body through torch.compile in `mode` (workers.layout.COMPILE_MODES;
+        reduce-overhead records CUDA graphs). Rows are then padded to multiples of
+        64 tokens, so that a few shapes cover every batch and each is compiled,
+        or recorded, once."""
+        if mode == "off":
+            return
+        self.backbone = cast(torch.nn.Module, torch.compile(self.backbone, mode=mode))
+        self.width_multiple = _COMPILED_WIDTH_MULTIPLE
+
     def _forward_whole(self, rows: list[torch.Tensor]) -> torch.Tensor:
-        input_ids, attention_mask, lengths = _pad_right(rows)
+        input_ids, attention_mask, lengths = _pad_right(rows, self.width_multiple)
         hidden = self.backbone(
             input_ids=self._put(input_ids),
             attention_mask=self._put(attention_mask),
@@ -128,7 +163,9 @@ class Scorer:
         rests are both padded on the right, so a row's keys may have a masked
         gap between its prefix and its rest."""
         rows = [row for group in groups for row in group]
-        prefix_ids, prefix_mask, _ = _pad_right([group[0].tokens[: group[0].shared] for group in groups])
+        prefix_ids, prefix_mask, _ = _pad_right(
+            [group[0].tokens[: group[0].shared] for group in groups], self.width_multiple
+        )
         cache = DynamicCache(config=self.backbone.config)
         self.backbone(
             input_ids=self._put(prefix_ids),
@@ -138,7 +175,7 @@ class Scorer:
         )
         which = torch.tensor([number for number, group in enumerate(groups) for _ in group])
         cache.batch_select_indices(which.to(self.device))
-        rest_ids, rest_mask, lengths = _pad_right([row.tokens[row.shared :] for row in rows])
+        rest_ids, rest_mask, lengths = _pad_right([row.tokens[row.shared :] for row in rows], self.width_multiple)
         starts = torch.tensor([row.shared for row in rows])
         hidden = self.backbone(
             input_ids=self._put(rest_ids),
@@ -149,6 +186,32 @@ class Scorer:
         ).last_hidden_state
         return self._answer(hidden, lengths)
 
+    def _forward_packed(self, rows: list[_Row], sharing: list[list[int]], alone: list[int]) -> torch.Tensor:
+        """Logits of all `rows` in packed rows: each sharing group a segment
+        behind its head, each row alone a segment of its own."""
+        nothing = torch.zeros(0, dtype=torch.long)
+        segments = [
+            Segment(
+                rows[members[0]].tokens[: rows[members[0]].shared],
+                [rows[index].tokens[rows[index].shared :] for index in members],
+                members,
+            )
+            for members in sharing
+        ]
+        segments += [Segment(nothing, [rows[index].tokens], [index]) for index in alone]
+        packed = pack(segments, self.packed_row_tokens, self.width_multiple)
+        if self._flex:
+            mask = packed.block_mask(self.device)
+        else:
+            mask = packed.dense_mask(next(self.embeddings.parameters()).dtype, self.device)
+        hidden = self.backbone(
+            input_ids=self._put(packed.input_ids),
+            position_ids=self._put(packed.position_ids),
+            attention_mask=mask,
+            use_cache=False,
+        ).last_hidden_state
+        return self._read(hidden, packed.read_rows, packed.read_positions)
+
     def _put(self, tensor: torch.Tensor) -> torch.Tensor:
         """To the device; from pinned memory on CUDA, so that the copy does not
         wait for the host (the inputs are small: ids and masks only)."""
@@ -158,7 +221,11 @@ class Scorer:
 
     def _answer(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The final norm and the yes/no rows, at each row's last real token only."""
-        last = hidden[torch.arange(len(lengths), device=self.device), lengths.to(self.device) - 1]
+        return self._read(hidden, torch.arange(len(lengths)), lengths - 1)
+
+    def _read(self, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The final norm and the yes/no rows, at the given (row, position) of `hidden` only."""
+        last = hidden[rows.to(self.device), positions.to(self.device)]
         yes_no = self.norm(last).float() @ self.head.T
         return (yes_no[:, 0] - yes_no[:, 1]).cpu()
 
@@ -198,31 +265,66 @@ def _zeros(lengths: list[int], shared: list[int]) -> ScoreBatch:
     return ScoreBatch(0, array("i", lengths), array("i", shared), array("i", bytes(4 * sum(lengths))))
 
 
-def _pad_right(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Ids padded on the right, their attention mask, and each row's length."""
+def _pad_right(rows: list[torch.Tensor], multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ids padded on the right (to a multiple of `multiple` tokens), their attention
+    mask, and each row's length."""
     lengths = torch.tensor([len(row) for row in rows])
     input_ids = pad_sequence(rows, batch_first=True, padding_value=0)
+    input_ids = torch.nn.functional.pad(input_ids, (0, -input_ids.shape[1] % multiple))
     return input_ids, (torch.arange(input_ids.shape[1]) < lengths[:, None]).long(), lengths
 
 
-def load_scorer(path: str, device: str, precision: str, attn_implementation: str = "sdpa") -> Scorer:
-    """Load a checkpoint onto `device` in `precision` (a name from workers.precision, or auto)."""
+def load_scorer(
+    path: str,
+    device: str,
+    precision: str,
+    attn_implementation: str = "sdpa",
+    layout: str = "auto",
+    compile_mode: str = "off",
+) -> Scorer:
+    """Load a checkpoint onto `device` in `precision` (a name from workers.precision,
+    or auto), to run rows in `layout` (a name from workers.layout, or auto),
+    through torch.compile in `compile_mode` unless it is off."""
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
     precision = resolve_precision(precision, device)
+    layout = resolve_layout(layout, device)
+    if attn_implementation == "flex_attention" and not device.startswith("cuda"):
+        # docs/scoring.md#fact-flex-attention-on-the-cpu
+        raise ValueError("flex_attention needs a CUDA device: torch's CPU FlexAttention kernel fails to compile")
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+    if precision == "fp8" and not (device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (8, 9)):
+        raise ValueError("fp8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper)")
     model = AutoModelForCausalLM.from_pretrained(
         path,
         device_map={"": device},
         attn_implementation=attn_implementation,
         **_precision_arguments(precision),
     ).eval()
-    return scorer_from_model(model, answer_token_ids(Tokenizer.from_file(f"{path}/tokenizer.json")), precision)
+    if precision == "fp8":
+        _to_fp8(model.get_decoder())
+    answer_ids = answer_token_ids(Tokenizer.from_file(f"{path}/tokenizer.json"))
+    scorer = scorer_from_model(model, answer_ids, precision, layout)
+    scorer.compile(compile_mode)
+    return scorer
 
 
-def scorer_from_model(model: torch.nn.Module, answer_ids: tuple[int, int], precision: str) -> Scorer:
+def _to_fp8(body: torch.nn.Module) -> None:
+    """torchao float8: each linear layer's weights in float8 (a scale per row), its
+    activations cast to float8 as they come. The output head is not in the body:
+    its yes/no rows stay float32."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    quantize_(body, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+
+
+def scorer_from_model(
+    model: torch.nn.Module, answer_ids: tuple[int, int], precision: str, layout: str = "padded"
+) -> Scorer:
     """Take a loaded causal LM apart into what scoring needs; the full output head is let go."""
     head = model.get_output_embeddings()
     if not head.weight.dtype.is_floating_point:
@@ -240,12 +342,15 @@ def scorer_from_model(model: torch.nn.Module, answer_ids: tuple[int, int], preci
         precision=precision,
         memory_bytes=memory,
         vocab_size=backbone.get_input_embeddings().num_embeddings,
+        layout=layout,
     )
 
 
 def _precision_arguments(precision: str) -> dict:
     if precision in _DTYPES:
         return {"dtype": _DTYPES[precision]}
+    if precision == "fp8":
+        return {"dtype": torch.bfloat16}  # then torchao (_to_fp8)
     from transformers import BitsAndBytesConfig
 
     if precision == "int8":
