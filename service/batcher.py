@@ -27,11 +27,13 @@ from service.work import Batch, BatchRecord, Job, QueuedPair, Workers, WorkerSlo
 
 
 class PendingQueue:
-    """Waiting pairs, by length (to group similar lengths) and by arrival per
-    priority (so that the oldest interactive pair anchors the next batch)."""
+    """Waiting pairs, by length (to group similar lengths), by length within each
+    job (whose pairs share a prompt head), and by arrival per priority (so that
+    the oldest interactive pair anchors the next batch)."""
 
     def __init__(self) -> None:
         self._by_length: list[tuple[int, int]] = []
+        self._by_job: dict[int, list[tuple[int, int]]] = {}
         self._items: dict[int, QueuedPair] = {}
         self._arrivals: tuple[OrderedDict[int, None], ...] = (OrderedDict(), OrderedDict())
         self.tokens = 0
@@ -41,6 +43,7 @@ class PendingQueue:
 
     def push(self, item: QueuedPair, first: bool = False) -> None:
         bisect.insort(self._by_length, (item.length, item.seq))
+        bisect.insort(self._by_job.setdefault(item.job.id, []), (item.length, item.seq))
         self._items[item.seq] = item
         arrivals = self._arrivals[item.job.priority]
         arrivals[item.seq] = None
@@ -52,7 +55,12 @@ class PendingQueue:
     def remove(self, item: QueuedPair) -> None:
         if not item.queued:
             return
-        del self._by_length[bisect.bisect_left(self._by_length, (item.length, item.seq))]
+        key = (item.length, item.seq)
+        del self._by_length[bisect.bisect_left(self._by_length, key)]
+        mates = self._by_job[item.job.id]
+        del mates[bisect.bisect_left(mates, key)]
+        if not mates:
+            del self._by_job[item.job.id]
         del self._items[item.seq]
         del self._arrivals[item.job.priority][item.seq]
         item.queued = False
@@ -65,12 +73,16 @@ class PendingQueue:
         return None
 
     def plan(self, max_tokens: int, max_rows: int, min_efficiency: float = 0.0) -> tuple[list[QueuedPair], bool]:
-        """The next batch: the oldest pair, then the closest lengths that fit.
+        """The next batch: the oldest pair, then the closest lengths that fit,
+        its own job's pairs first.
 
         A pair fits when the batch stays within `max_tokens` padded tokens (rows
         x longest row) and `max_rows`, and its real tokens stay at least
         `min_efficiency` of the padded ones: a token budget alone would let one
         request's 30- and 500-token documents share a batch, mostly padding.
+        The anchor's job-mates come first because they share its prompt head,
+        which a worker computes once per batch: on the CPU's small batches,
+        mixing four requests' pairs by length left almost nothing to share.
         The second value says whether the batch is full: at the row limit, or a
         waiting pair did not fit the budget (waiting longer would not help; a
         pair refused for padding may yet find company). Nothing is taken from
@@ -79,30 +91,50 @@ class PendingQueue:
         anchor = self.oldest()
         if anchor is None:
             return [], False
-        at = bisect.bisect_left(self._by_length, (anchor.length, anchor.seq))
-        left, right = at - 1, at + 1  # the next candidates; -1 or len() once a side is closed
-        chosen, width, real, full = [anchor], anchor.length, anchor.length, False
-        while len(chosen) < max_rows:
-            has_left, has_right = left >= 0, right < len(self._by_length)
+        batch = _Planned(anchor, max_tokens, max_rows, min_efficiency)
+        batch.fill(self._by_job[anchor.job.id], self._items)
+        batch.fill(self._by_length, self._items)
+        return batch.chosen, batch.full or len(batch.chosen) >= max_rows
+
+
+class _Planned:
+    """A batch being planned around its anchor (see PendingQueue.plan)."""
+
+    def __init__(self, anchor: QueuedPair, max_tokens: int, max_rows: int, min_efficiency: float) -> None:
+        self.anchor = anchor
+        self.chosen = [anchor]
+        self.full = False  # a pair did not fit the budget
+        self._taken = {anchor.seq}
+        self._width = self._real = anchor.length
+        self._max_tokens, self._max_rows, self._min_efficiency = max_tokens, max_rows, min_efficiency
+
+    def fill(self, by_length: list[tuple[int, int]], items: dict[int, QueuedPair]) -> None:
+        """Add pairs of `by_length` (sorted (length, seq)), closest to the anchor's
+        length first, while they fit."""
+        length = self.anchor.length
+        at = bisect.bisect_left(by_length, (length, self.anchor.seq))
+        left, right = at - 1, at  # the next candidates; -1 or len() once a side is closed
+        while len(self.chosen) < self._max_rows:
+            has_left, has_right = left >= 0, right < len(by_length)
             if not (has_left or has_right):
-                return chosen, full
-            take_left = has_left and (
-                not has_right or anchor.length - self._by_length[left][0] <= self._by_length[right][0] - anchor.length
-            )
-            length, seq = self._by_length[left if take_left else right]
-            padded = (len(chosen) + 1) * max(width, length)
-            if padded > max_tokens or real + length < min_efficiency * padded:
-                # Farther pairs on this side would do no better: close it.
-                full = full or padded > max_tokens
-                left, right = (-1, right) if take_left else (left, len(self._by_length))
-                continue
-            chosen.append(self._items[seq])
-            width, real = max(width, length), real + length
+                return
+            take_left = has_left and (not has_right or length - by_length[left][0] <= by_length[right][0] - length)
+            candidate, seq = by_length[left if take_left else right]
             if take_left:
                 left -= 1
             else:
                 right += 1
-        return chosen, True
+            if seq in self._taken:
+                continue
+            padded = (len(self.chosen) + 1) * max(self._width, candidate)
+            if padded > self._max_tokens or self._real + candidate < self._min_efficiency * padded:
+                # Farther pairs on this side would do no better: close it.
+                self.full = self.full or padded > self._max_tokens
+                left, right = (-1, right) if take_left else (left, len(by_length))
+                continue
+            self.chosen.append(items[seq])
+            self._taken.add(seq)
+            self._width, self._real = max(self._width, candidate), self._real + candidate
 
 
 class Batcher:
