@@ -120,7 +120,8 @@ _WORDS = [
 def random_config(shape: str):
     from transformers import Qwen3Config
 
-    return Qwen3Config(vocab_size=151669, max_position_embeddings=40960, rope_theta=1_000_000.0, **SHAPES[shape])
+    rope = {"rope_type": "default", "rope_theta": 1_000_000.0}
+    return Qwen3Config(vocab_size=151669, max_position_embeddings=40960, rope_parameters=rope, **SHAPES[shape])
 
 
 def save_random_checkpoint(

@@ -150,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         workload = workloads.build(
             args.workload, tokenizer, requests=args.requests, clients=args.clients, documents=args.documents
         )
-        server = start_server(model, "--workers-per-device", "1", "--cpu-threads", "1")
+        # The score cache off: every round's requests repeat, and the transports are what is measured.
+        server = start_server(model, "--workers-per-device", "1", "--cpu-threads", "1", "--score-cache-bytes", "0")
         try:
             warm_up = workload.requests[: 2 * workload.clients]
             for transport in TRANSPORTS:
