@@ -6,9 +6,10 @@ import math
 import random
 import time
 from collections.abc import Sequence
+from typing import Any
 
 # Qwen3-Reranker shapes (config.json of the published checkpoints).
-SHAPES = {
+SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(
         hidden_size=64,
         intermediate_size=128,

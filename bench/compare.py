@@ -156,7 +156,7 @@ def matmul_peak(device: str, precision: str) -> float:
     dtype = COMPUTE_DTYPES[precision]
     if dtype == torch.int8:
         a, b = (torch.randint(-128, 128, (size, size), device=device, dtype=dtype) for _ in range(2))
-        multiply = torch._int_mm
+        multiply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch._int_mm
     else:
         a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
         multiply = torch.matmul
@@ -362,7 +362,7 @@ def _ranged(spread: dict) -> str:
 
 
 def environment(device: str) -> dict:
-    versions = {"python": platform.python_version()}
+    versions: dict[str, str | None] = {"python": platform.python_version()}
     for package in ("torch", "transformers", "sentence-transformers", "grpcio"):
         try:
             versions[package] = metadata.version(package)

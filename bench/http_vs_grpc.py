@@ -54,7 +54,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def drive_grpc(address: str, requests: Sequence[workloads.Request], clients: int) -> tuple[list, list]:
-    logits, latencies = [None] * len(requests), [0.0] * len(requests)
+    logits: list[dict[int, float]] = [{} for _ in requests]
+    latencies = [0.0] * len(requests)
     pending = iter(range(len(requests)))
     async with grpc.aio.insecure_channel(address) as channel:
         stub = reranker_pb2_grpc.RerankerStub(channel)
@@ -74,7 +75,8 @@ async def drive_grpc(address: str, requests: Sequence[workloads.Request], client
 
 
 async def drive_http(url: str, requests: Sequence[workloads.Request], clients: int) -> tuple[list, list]:
-    logits, latencies = [None] * len(requests), [0.0] * len(requests)
+    logits: list[dict[int, float]] = [{} for _ in requests]
+    latencies = [0.0] * len(requests)
     pending = iter(range(len(requests)))
     connector = aiohttp.TCPConnector(limit=clients)
     timeout = aiohttp.ClientTimeout(total=TIMEOUT_S)
@@ -156,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             warm_up = workload.requests[: 2 * workload.clients]
             for transport in TRANSPORTS:
                 one_round(server, transport, warm_up, workload.clients)
-            rounds = {transport: [] for transport in TRANSPORTS}
+            rounds: dict[str, list[dict]] = {transport: [] for transport in TRANSPORTS}
             for _ in range(args.rounds):
                 for transport in TRANSPORTS:
                     rounds[transport].append(one_round(server, transport, workload.requests, workload.clients))

@@ -192,6 +192,7 @@ def start_server(
     server = Server(process)
 
     def pump() -> None:
+        assert process.stdout is not None  # stdout=PIPE
         for line in process.stdout:
             server.raw.append(line.rstrip())
             try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import itertools
 import pathlib
 import random
 from dataclasses import dataclass
@@ -170,7 +171,7 @@ def docstrings() -> tuple[tuple[str, str], ...]:
     found: dict[str, str] = {}
     for module_name in MODULES:
         spec = importlib.util.find_spec(module_name)
-        if spec is None or not (spec.origin or "").endswith(".py"):
+        if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
             continue
         tree = ast.parse(pathlib.Path(spec.origin).read_text(encoding="utf-8"))
         for node in _public_definitions(tree):
@@ -184,7 +185,9 @@ def docstrings() -> tuple[tuple[str, str], ...]:
     return tuple(sorted(found.items()))
 
 
-def _public_definitions(parent: ast.Module | ast.ClassDef) -> list[ast.FunctionDef | ast.ClassDef]:
+def _public_definitions(
+    parent: ast.Module | ast.ClassDef,
+) -> list[ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef]:
     kinds = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
     return [node for node in parent.body if isinstance(node, kinds) and not node.name.startswith("_")]
 
@@ -198,7 +201,7 @@ def short_documents(tokenizer: Tokenizer) -> list[tuple[str, str]]:
     entries = docstrings()
     low, high = SHORT_TOKENS
     counts = token_counts(tokenizer, [doc for _, doc in entries])
-    return [entry for entry, count in zip(entries, counts) if low <= count <= high]
+    return [entry for entry, count in zip(entries, counts, strict=True) if low <= count <= high]
 
 
 def long_documents(tokenizer: Tokenizer) -> list[tuple[str, str]]:
@@ -208,7 +211,7 @@ def long_documents(tokenizer: Tokenizer) -> list[tuple[str, str]]:
     text = "\n\n".join(f"{name}\n{doc}" for name, doc in entries)
     offsets = tokenizer.encode(text, add_special_tokens=False).offsets
     starts = [offsets[i][0] for i in range(0, len(offsets), LONG_TOKENS)]
-    pieces = [text[begin:end] for begin, end in zip(starts, starts[1:])]  # the short tail is dropped
+    pieces = [text[begin:end] for begin, end in itertools.pairwise(starts)]  # the short tail is dropped
     names = [name for name, _ in entries]
     return [(next(n for n in names if n in piece), piece) for piece in pieces if any(n in piece for n in names)]
 

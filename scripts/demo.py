@@ -34,7 +34,8 @@ def wait_serving(port: int, server: subprocess.Popen, timeout: float) -> bool:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline and server.poll() is None:
             try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                answer = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
                     return True
             except grpc.RpcError:
                 pass

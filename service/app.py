@@ -358,7 +358,7 @@ def _listen_http(settings: Settings) -> socket.socket:
 
 def _http_server(http_app, listener: socket.socket, settings: Settings) -> HttpServer:
     """uvicorn on the bound socket, with the gRPC port's certificate, key and client CA."""
-    tls = {}
+    tls: dict[str, object] = {}
     if settings.tls:
         tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
         if settings.tls_client_ca:
@@ -388,6 +388,7 @@ async def _set_health(health_servicer: health.aio.HealthServicer, status) -> Non
 
 def _model_info(settings: Settings, checkpoint: Checkpoint, pool: WorkerPool, encoder: PromptEncoder) -> ModelInfo:
     first = pool.workers[0].info
+    assert first is not None, "the workers are ready"
     return ModelInfo(
         model_id=checkpoint.model_id,
         revision=checkpoint.revision,

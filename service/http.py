@@ -33,8 +33,9 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 import structlog
 import uvicorn
@@ -84,7 +85,7 @@ _TIMEOUT_HEADER = "x-request-timeout"
 _REQUEST_ID_HEADER = "x-request-id"
 _CALL = "reranker.call"  # the scope key of a call's _Call
 _JSON = "application/json"
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
     for status, description in (
         (400, "Invalid input: the message names the field and the limit."),
@@ -102,7 +103,7 @@ class _Refusal(HTTPException):
     """An error that is the transport's own (a token, a size, a route), with its status and code.
     An HTTPException, so that FastAPI lets it through while reading the body."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(status, message, headers)
         self.code = code
         self.message = message
@@ -153,8 +154,9 @@ def make_app(
         max_body_bytes=max_body_bytes,
         memory=memory,
     )
-    app.add_exception_handler(RequestValidationError, _invalid)
-    app.add_exception_handler(HTTPException, _refused)
+    # (Starlette types a handler for any Exception; these take the one they are registered for.)
+    app.add_exception_handler(RequestValidationError, cast(Any, _invalid))
+    app.add_exception_handler(HTTPException, cast(Any, _refused))
 
     def options(
         request: Request, body: RerankRequest | TeiRerankRequest, truncation: Truncation, **more
@@ -204,29 +206,28 @@ def make_app(
         answer = await ranker.rerank(call, _span(request))
         ranks = []
         for result in answer.results:
-            rank = {"index": result.index, "score": result.logit if body.raw_scores else result.score}
+            score = result.logit if body.raw_scores else result.score
+            rank: dict[str, object] = {"index": result.index, "score": score}
             if result.document is not None:
                 rank["text"] = result.document
             ranks.append(rank)
         return _json(ranks)
 
-    reranks = {
-        "responses": {
-            200: {
-                "model": RerankResponse,
-                "description": "The ranking, best first; with `stream: true`, Server-Sent Events (text/event-stream): "
-                "`scored` events ({results}) as batches complete, then one `final` event (the ranking), or an "
-                "`error` event ({message, code}).",
-            },
-            **_ERRORS,
+    reranks: dict[int | str, dict[str, Any]] = {
+        200: {
+            "model": RerankResponse,
+            "description": "The ranking, best first; with `stream: true`, Server-Sent Events (text/event-stream): "
+            "`scored` events ({results}) as batches complete, then one `final` event (the ranking), or an "
+            "`error` event ({message, code}).",
         },
+        **_ERRORS,
     }
 
-    @app.post("/v2/rerank", summary="Rerank (Cohere v2)", **reranks)
+    @app.post("/v2/rerank", summary="Rerank (Cohere v2)", responses=reranks)
     async def rerank_v2(body: RerankRequest, request: Request) -> Response:
         return await cohere(body, request)
 
-    @app.post("/v1/rerank", summary="Rerank (Jina, vLLM; stream: true for Server-Sent Events)", **reranks)
+    @app.post("/v1/rerank", summary="Rerank (Jina, vLLM; stream: true for Server-Sent Events)", responses=reranks)
     async def rerank_v1(body: RerankRequest, request: Request) -> Response:
         return await cohere(body, request)
 
@@ -296,7 +297,7 @@ def _json(content: object, status: int = 200, headers: dict[str, str] | None = N
 
 
 def _result(result: Scored) -> dict:
-    item = {"index": result.index, "relevance_score": result.score, "logit": result.logit}
+    item: dict[str, object] = {"index": result.index, "relevance_score": result.score, "logit": result.logit}
     item |= {"span": {"start": result.start, "end": result.end}, "windows": result.windows}
     item["truncated"] = result.truncated
     if result.document is not None:
@@ -320,7 +321,7 @@ def _event(name: str, data: object) -> bytes:
 
 
 async def _event_stream(
-    request: Request, events: AsyncIterator[list[Scored] | Answer], model_id: str, answer_id: str
+    request: Request, events: AsyncGenerator[list[Scored] | Answer, None], model_id: str, answer_id: str
 ) -> Response:
     """Server-Sent Events, like RerankStream. The first event is awaited here, so that a
     call refused at once (invalid, queue full, deadline) gets its HTTP status."""
@@ -339,7 +340,9 @@ class _EventStream(StreamingResponse):
     """Written in the call's own task: a client that goes away cancels it (see _Front), and
     closing `events` drops whatever is still queued."""
 
-    def __init__(self, first, events: AsyncIterator[list[Scored] | Answer], model_id: str, answer_id: str, call: _Call):
+    def __init__(
+        self, first, events: AsyncGenerator[list[Scored] | Answer, None], model_id: str, answer_id: str, call: _Call
+    ):
         headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
         super().__init__((), headers=headers, media_type="text/event-stream")
         self._first, self._events = first, events
@@ -439,6 +442,7 @@ class _Front:
         trace = self._tracing.attach(headers) if self._tracing else None
         watcher: asyncio.Task | None = None
         task = asyncio.current_task()
+        assert task is not None  # an ASGI call runs in a task
 
         async def receive_watched() -> Message:
             nonlocal watcher
@@ -464,7 +468,7 @@ class _Front:
         finally:
             if watcher is not None:
                 watcher.cancel()
-            if trace is not None:
+            if self._tracing is not None and trace is not None:
                 self._tracing.detach(trace)
             seconds = time.perf_counter() - start
             code = call.code or ("OK" if call.status < 400 else "UNKNOWN")
@@ -528,7 +532,7 @@ class _Front:
         code: str,
         message: str,
         status: int | None = None,
-        headers: dict[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         call.code, call.reason = code, message
         if call.status:  # the answer had begun: nothing more can be said
@@ -558,8 +562,9 @@ async def _never() -> Message:
 class _Server(uvicorn.Server):
     """uvicorn in the service's own event loop: the service handles the signals."""
 
-    def capture_signals(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
 
 
 class HttpServer:
@@ -577,7 +582,7 @@ class HttpServer:
             access_log=False,  # each call has its own `rpc` line
             server_header=False,
             proxy_headers=False,
-            timeout_graceful_shutdown=flush_seconds,
+            timeout_graceful_shutdown=max(1, round(flush_seconds)),
             **ssl,
         )
         config.load()

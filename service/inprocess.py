@@ -9,6 +9,7 @@ uses this module.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 from collections.abc import Callable
@@ -51,10 +52,8 @@ class _ThreadHandle:
     def kill(self) -> None:
         """A thread cannot be killed: cut its channel. The front end sees the end
         at once; the thread ends when it next touches the channel."""
-        try:
+        with contextlib.suppress(OSError):  # already closed
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # already closed
 
     async def ended(self, timeout: float) -> str | None:
         await asyncio.to_thread(self.thread.join, timeout)

@@ -191,7 +191,8 @@ class _Call:
         self._rpc = rpc
         self._context = context
         self._start = time.perf_counter()
-        self.code, self.reason = grpc.StatusCode.OK, None
+        self.code = grpc.StatusCode.OK
+        self.reason: str | None = None
         tracing = interceptor._tracing
         self._trace = tracing.attach(context.invocation_metadata()) if tracing else None
 
@@ -222,7 +223,7 @@ class _Call:
 
     def record(self) -> None:
         interceptor = self._interceptor
-        if self._trace is not None:
+        if interceptor._tracing is not None and self._trace is not None:
             interceptor._tracing.detach(self._trace)
         seconds = time.perf_counter() - self._start
         interceptor._metrics.call_finished("grpc", self._rpc, self.code.name, seconds)

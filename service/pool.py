@@ -28,7 +28,7 @@ import structlog
 
 from service.errors import Internal, ResourceExhausted, ServiceError, Unavailable
 from service.metrics import Metrics
-from service.work import Batch, BatchSink
+from service.work import Batch, BatchSink, WorkerSlot
 from workers import process, protocol
 from workers.process import WorkerSpec
 
@@ -164,7 +164,8 @@ class WorkerPool:
         free = [w for w in self.workers if w.state is State.READY and len(w.in_flight) < self._batches_in_flight]
         return min(free, key=lambda w: (w.load, len(w.in_flight)), default=None)
 
-    def submit(self, worker: Worker, batch: Batch) -> None:
+    def submit(self, worker: WorkerSlot, batch: Batch) -> None:
+        assert isinstance(worker, Worker), "a worker this pool gave out"
         if not worker.in_flight:
             worker.busy_since = asyncio.get_running_loop().time()
         worker.in_flight[batch.id] = batch
@@ -243,7 +244,8 @@ class WorkerPool:
             return await worker.handle.ended(5) or "closed its channel"
         except TimeoutError:
             worker.handle.kill()
-            return f"held a batch for {self._allowed(worker, next(iter(worker.in_flight.values()))):.1f} s without answering (hung); killed"
+            allowed = self._allowed(worker, next(iter(worker.in_flight.values())))
+            return f"held a batch for {allowed:.1f} s without answering (hung); killed"
         finally:
             worker.watchdog = None
             worker.writer.close()

@@ -21,7 +21,7 @@ import enum
 import functools
 import math
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -90,6 +90,11 @@ class _Document:
     score: DocumentScore | None = None
     cached: bool = False  # the score came from the cache or another call
 
+    @property
+    def scored(self) -> DocumentScore:
+        assert self.score is not None, "a document of a finished call has its score"
+        return self.score
+
 
 @dataclass(eq=False)
 class _Work:
@@ -129,7 +134,7 @@ class _Work:
         return next((error for job in self.jobs if (error := job.failure()) is not None), None)
 
     def result(self, index: int, document: str | None = None) -> Scored:
-        score = self.documents[self.distinct_of[index]].score
+        score = self.documents[self.distinct_of[index]].scored
         return Scored(
             index, score.logit, score.truncated, score.tokens, document, score.start, score.end, score.windows
         )
@@ -138,8 +143,8 @@ class _Work:
         documents = [self.documents[distinct] for distinct in self.distinct_of]
         return Usage(
             self.count,
-            sum(document.score.tokens for document in documents),
-            sum(document.score.truncated for document in documents),
+            sum(document.scored.tokens for document in documents),
+            sum(document.scored.truncated for document in documents),
             sum(document.cached for document in documents),
         )
 
@@ -178,11 +183,12 @@ class _Scoring:
             if self._remaining[position]:
                 continue
             first = self._first[position]
+            assert self.job is not None, "scores arrive for an admitted job"
             score = _best(self._windows[position], self.job.logits[first : first + len(self._windows[position])])
             distinct = self._distinct[position]
             self._work.resolve(distinct, score, cached=False)
             key = self._work.documents[distinct].key
-            if key is not None:
+            if key is not None and self._cache is not None:
                 self._cache.finish(key, score)
 
 
@@ -234,7 +240,9 @@ class Ranker:
                 pass
         return self._ranking(call, work)
 
-    async def rerank_stream(self, call: RerankCall, span: str = "RerankStream") -> AsyncIterator[list[Scored] | Answer]:
+    async def rerank_stream(
+        self, call: RerankCall, span: str = "RerankStream"
+    ) -> AsyncGenerator[list[Scored] | Answer, None]:
         """Documents as they are scored (a chunked one once all its windows are); then the ranking."""
         self._identify(call.options)
         async with self._running(call.options, self._rerank_pairs(call), span) as (work, progress):
@@ -310,7 +318,7 @@ class Ranker:
     @contextlib.asynccontextmanager
     async def _running(
         self, options: CallOptions, pairs: list[tuple[str, str]], span: str
-    ) -> AsyncIterator[tuple[_Work, AsyncIterator[list[int]]]]:
+    ) -> AsyncIterator[tuple[_Work, AsyncGenerator[list[int], None]]]:
         """Check a call; inside the block, iterate its progress (the distinct pairs
         scored, as they are). Leaving the block (however) drops this call's work
         still queued, and hands the pairs it had claimed but not scored to the
@@ -336,7 +344,7 @@ class Ranker:
                 cached=sum(document.cached for document in documents),
                 windows=sum(len(job.pairs) for job in work.jobs),
                 tokens=sum(job.tokens for job in work.jobs),
-                truncated=sum(document.score.truncated for document in documents),
+                truncated=sum(document.scored.truncated for document in documents),
                 queue_ms=round(1000 * work.timing().queue, 2),
                 compute_ms=round(1000 * work.timing().compute, 2),
             )
@@ -345,7 +353,7 @@ class Ranker:
             raise
         finally:
             for document in work.documents:
-                if document.state is _State.COMPUTING and document.key is not None:
+                if document.state is _State.COMPUTING and document.key is not None and self._cache is not None:
                     self._cache.abandon(document.key)
             if self._tracing is not None:
                 self._tracing.record(span, options.request_id, work.arrived, work.tokenize_seconds, work.jobs, error)
@@ -358,11 +366,11 @@ class Ranker:
 
     async def _progress(
         self, work: _Work, options: CallOptions, deadline: float | None, jobs: contextlib.AsyncExitStack
-    ) -> AsyncIterator[list[int]]:
+    ) -> AsyncGenerator[list[int], None]:
         """The call's distinct pairs as they are scored: cached ones first, then as
         batches (of this call or of the calls it waits for) complete."""
         if self._cache is not None and self.info is not None:
-            await self._keys(work, options, deadline)
+            await self._keys(work, options, deadline, self.info)
         while True:
             if work.unclaimed:
                 claimed = self._claim(work)
@@ -391,7 +399,7 @@ class Ranker:
             document = work.documents[distinct]
             found = (
                 None
-                if document.key is None
+                if document.key is None or self._cache is None
                 else self._cache.claim(document.key, functools.partial(work.landed, distinct))
             )
             if isinstance(found, DocumentScore):
@@ -422,9 +430,8 @@ class Ranker:
         work.jobs.append(job)
         job.watch(work.changed.set)
 
-    async def _keys(self, work: _Work, options: CallOptions, deadline: float | None) -> None:
+    async def _keys(self, work: _Work, options: CallOptions, deadline: float | None, info: ModelInfo) -> None:
         """Each distinct pair's cache key, hashed in the tokenizer threads."""
-        info = self.info
         chunked = options.truncation is Truncation.CHUNK
         shared = cache.scope(
             info.model_id,
@@ -508,7 +515,7 @@ class Ranker:
         return work.distinct_of.index(distinct)
 
     def _ranking(self, call: RerankCall, work: _Work) -> Answer:
-        logits = [work.documents[distinct].score.logit for distinct in work.distinct_of]
+        logits = [work.documents[distinct].scored.logit for distinct in work.distinct_of]
         order = sorted(range(len(logits)), key=lambda i: -logits[i])  # stable: ties keep request order
         if call.top_n:
             order = order[: call.top_n]
@@ -527,7 +534,7 @@ def _distinct(pairs: list[tuple[str, str]], distinct_of: list[int]) -> list[tupl
     distinct index). Identical pairs are scored once, so their scores are equal
     by construction, whatever batches they would have landed in."""
     seen: dict[tuple[str, str], int] = {}
-    distinct = []
+    distinct: list[tuple[str, str]] = []
     for pair in pairs:
         number = seen.setdefault(pair, len(distinct))
         if number == len(distinct):

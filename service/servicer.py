@@ -9,7 +9,8 @@ service.errors exceptions; the interceptor maps them to statuses.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 import structlog
@@ -102,7 +103,7 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServicer):
                     await room.acquire()
                     task = asyncio.create_task(answer(request))
                     running[request.request_id] = task
-                    task.add_done_callback(lambda task, request=request: finished(task, request))
+                    task.add_done_callback(functools.partial(finished, request=request))
                 await asyncio.gather(*running.values(), return_exceptions=True)
             finally:
                 answers.put_nowait(None)  # also when the request stream broke: never leave the writer waiting
@@ -134,7 +135,7 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServicer):
         return _model_info(self._ranker.model_info())
 
 
-class _LazyPairs:
+class _LazyPairs(Sequence[tuple[str, str]]):
     """A ScoreRequest's pairs as (query, document) tuples, read only when asked."""
 
     def __init__(self, pairs) -> None:
@@ -143,7 +144,7 @@ class _LazyPairs:
     def __len__(self) -> int:
         return len(self._pairs)
 
-    def __getitem__(self, index: int) -> tuple[str, str]:
+    def __getitem__(self, index):  # (Sequence's signature; the core reads one pair at a time)
         pair = self._pairs[index]
         return pair.query, pair.document
 

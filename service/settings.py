@@ -13,6 +13,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from workers.layout import COMPILE_MODES, LAYOUTS
 from workers.logs import LOG_FORMATS
@@ -287,7 +288,7 @@ def build_settings(arguments: argparse.Namespace | None = None, environ: Mapping
 
 
 def _from_env(spec: dataclasses.Field, text: str):
-    kind = type(spec.default)
+    kind: Any = type(spec.default)
     if kind is tuple:
         return tuple(item.strip() for item in text.split(",") if item.strip())
     try:

@@ -14,7 +14,7 @@ import asyncio
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 from service.errors import ServiceError
 from workers.prompt import EncodedPair
@@ -61,8 +61,9 @@ class Job:
     def done(self) -> bool:
         return self._future is not None and self._future.done()
 
-    def watch(self, on_done: Callable[[], None]) -> None:
+    def watch(self, on_done: Callable[[], object]) -> None:
         """Call `on_done` once the job is over (scored, failed or cancelled); see `failure`."""
+        assert self._future is not None, "the job was not admitted"
 
         def over(future: asyncio.Future[None]) -> None:
             if not future.cancelled():
@@ -73,9 +74,9 @@ class Job:
 
     def failure(self) -> ServiceError | None:
         """The error the job failed with, once it has."""
-        if not self.done or self._future.cancelled():
+        if self._future is None or not self._future.done() or self._future.cancelled():
             return None
-        return self._future.exception()
+        return cast(ServiceError | None, self._future.exception())
 
     def scored(self, indices: list[int]) -> None:
         if self.on_scored is not None and indices:

@@ -48,7 +48,9 @@ class Recipe:
         """The recipe's unpadded input ids per document."""
         pairs = [format_instruction(instruction, query, doc) for doc in documents]
         inputs = self.process_inputs(pairs)
-        return [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
+        return [
+            ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"], strict=True)
+        ]
 
     @torch.no_grad()
     def scores(self, instruction, query, documents):

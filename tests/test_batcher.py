@@ -164,7 +164,7 @@ def test_the_anchors_job_mates_come_first():
     """Pairs of one request share its prompt head, which a worker computes once
     per batch: a small batch takes them before other requests' pairs of closer length."""
     queue, first = queue_of([100, 130, 160, 190])
-    _, other = queue_of([101, 102, 103, 104], queue=queue)
+    queue_of([101, 102, 103, 104], queue=queue)
     batch, _ = queue.plan(max_tokens=800, max_rows=4, min_efficiency=0.5)
     assert [item.job for item in batch] == [first] * 4
     # the control: without job-mates the closest lengths win

@@ -53,10 +53,10 @@ def test_missing_hub_id_says_what_to_do(tmp_path, monkeypatch):
 
 
 def test_missing_directory_and_incomplete_checkpoint(tmp_path):
-    with pytest.raises(CheckpointNotFound, match="model directory .* does not exist"):
+    with pytest.raises(CheckpointNotFound, match=r"model directory .* does not exist"):
         resolve_checkpoint(str(tmp_path / "nowhere"))
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(CheckpointNotFound, match="has no tokenizer.json"):
+    with pytest.raises(CheckpointNotFound, match=r"has no tokenizer\.json"):
         resolve_checkpoint(str(tmp_path))
 
 

@@ -41,7 +41,7 @@ def test_no_import_cycle_in_the_front_end():
         if name in done:
             return
         if name in visiting:
-            cycles.append(visiting[visiting.index(name) :] + [name])
+            cycles.append([*visiting[visiting.index(name) :], name])
             return
         visiting.append(name)
         for other in sorted(graph[name]):

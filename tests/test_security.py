@@ -102,7 +102,7 @@ def test_mutual_tls_and_tokens(pki, tiny_model, server_factory):
         assert len(rerank(channel, "another-token").results) == 2
         assert len(rerank(channel, "from-the-environment").results) == 2
         for token in (None, "", "wrong", TOKEN + "x", TOKEN[:-1], "#", "# an indented comment"):
-            assert code_of(lambda: rerank(channel, token)) == grpc.StatusCode.UNAUTHENTICATED
+            assert code_of(lambda token=token: rerank(channel, token)) == grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.RpcError) as error:
             reranker_pb2_grpc.RerankerStub(channel).RerankStream(
                 pb.RerankRequest(query="q", documents=["a"]), timeout=15

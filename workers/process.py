@@ -114,6 +114,8 @@ def serve(sock: socket.socket, scorer: Scorer, log: structlog.typing.FilteringBo
             reason = "shutdown" if message else "front end closed the channel"
             log.info("worker_stopping", reason=reason)
             return reason
+        if not isinstance(message, protocol.ScoreBatch):  # the front end sends nothing else
+            raise ValueError(f"a worker cannot take {type(message).__name__}")
         reply = score(scorer, message, log)
         try:
             protocol.send(sock, reply)

@@ -198,8 +198,9 @@ class PromptEncoder:
             full = array("i", self.prefix_ids)
             full.extend(ids[:limit] if truncated else ids)
             full.extend(self.suffix_ids)
-            # The head was always a prefix of the body in every case tried (docs/scoring.md#fact-check-the-shared-prefix-per-pair);
-            # a pair for which it is not is scored whole, never wrongly.
+            # The head was always a prefix of the body in every case tried
+            # (docs/scoring.md#fact-check-the-shared-prefix-per-pair); a pair for
+            # which it is not is scored whole, never wrongly.
             shared = len(self.prefix_ids) + len(head) if ids[: len(head)] == head else 0
             end = len(document)
             if truncated:

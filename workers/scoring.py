@@ -33,7 +33,7 @@ from typing import Any, cast
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
 
 from workers.layout import COMPILE_MODES, PACKED_ROW_TOKENS, resolve_layout
 from workers.packing import Segment, pack
@@ -54,7 +54,7 @@ _COMPILED_WIDTH_MULTIPLE = 64
 
 @dataclass
 class Scorer:
-    backbone: torch.nn.Module  # the transformer body, with its final norm taken out
+    backbone: PreTrainedModel  # the transformer body, with its final norm taken out
     norm: torch.nn.Module  # the final norm, applied to one position per row
     head: torch.Tensor  # (2, hidden) float32: the "yes" and "no" rows of the output head
     device: torch.device
@@ -144,7 +144,7 @@ class Scorer:
         or recorded, once."""
         if mode == "off":
             return
-        self.backbone = cast(torch.nn.Module, torch.compile(self.backbone, mode=mode))
+        self.backbone = cast(PreTrainedModel, torch.compile(self.backbone, mode=mode))
         self.width_multiple = _COMPILED_WIDTH_MULTIPLE
 
     def _forward_whole(self, rows: list[torch.Tensor]) -> torch.Tensor:
@@ -323,7 +323,7 @@ def _to_fp8(body: torch.nn.Module) -> None:
 
 
 def scorer_from_model(
-    model: torch.nn.Module, answer_ids: tuple[int, int], precision: str, layout: str = "padded"
+    model: PreTrainedModel, answer_ids: tuple[int, int], precision: str, layout: str = "padded"
 ) -> Scorer:
     """Take a loaded causal LM apart into what scoring needs; the full output head is let go."""
     head = model.get_output_embeddings()
