@@ -33,14 +33,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
-import grpc
 from tokenizers import Tokenizer
 
 from bench import workloads
 from bench.common import Stopwatch, percentile
+from bench.contenders import Run, drive
 from bench.server import start_server
-from reranker.v1 import reranker_pb2 as pb
-from reranker.v1 import reranker_pb2_grpc
 
 TIMEOUT_S = 300.0
 TRANSPORTS = ("grpc", "http")
@@ -53,30 +51,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def drive_grpc(address: str, requests: Sequence[workloads.Request], clients: int) -> tuple[list, list]:
-    logits: list[dict[int, float]] = [{} for _ in requests]
-    latencies = [0.0] * len(requests)
-    pending = iter(range(len(requests)))
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = reranker_pb2_grpc.RerankerStub(channel)
-
-        async def client() -> None:
-            for index in pending:
-                request = requests[index]
-                with Stopwatch() as watch:
-                    answer = await stub.Rerank(
-                        pb.RerankRequest(query=request.query, documents=request.documents), timeout=TIMEOUT_S
-                    )
-                latencies[index] = watch.seconds
-                logits[index] = {result.index: result.logit for result in answer.results}
-
-        await asyncio.gather(*(client() for _ in range(clients)))
-    return logits, latencies
-
-
-async def drive_http(url: str, requests: Sequence[workloads.Request], clients: int) -> tuple[list, list]:
-    logits: list[dict[int, float]] = [{} for _ in requests]
-    latencies = [0.0] * len(requests)
+async def drive_http(url: str, requests: Sequence[workloads.Request], clients: int) -> Run:
+    """bench.contenders.drive's clients, over HTTP: each sends its next request when
+    the previous one is answered."""
+    run = Run(scores=[[] for _ in requests], latencies=[0.0] * len(requests))
     pending = iter(range(len(requests)))
     connector = aiohttp.TCPConnector(limit=clients)
     timeout = aiohttp.ClientTimeout(total=TIMEOUT_S)
@@ -90,11 +68,14 @@ async def drive_http(url: str, requests: Sequence[workloads.Request], clients: i
                     async with session.post("/v2/rerank", json=body) as answer:
                         answer.raise_for_status()
                         results = (await answer.json())["results"]
-                latencies[index] = watch.seconds
-                logits[index] = {result["index"]: result["logit"] for result in results}
+                run.latencies[index] = watch.seconds
+                logits = [0.0] * len(request.documents)
+                for result in results:
+                    logits[result["index"]] = result["logit"]
+                run.scores[index] = logits
 
         await asyncio.gather(*(client() for _ in range(clients)))
-    return logits, latencies
+    return run
 
 
 def own_cpu_seconds() -> float:
@@ -107,18 +88,18 @@ def one_round(server, transport: str, requests, clients: int) -> dict:
     before, own_before = cpu_seconds(server.process.pid), own_cpu_seconds()
     with Stopwatch() as watch:
         if transport == "grpc":
-            logits, latencies = asyncio.run(drive_grpc(server.address, requests, clients))
+            run = asyncio.run(drive(server.address, requests, clients))
         else:
-            logits, latencies = asyncio.run(drive_http(server.http_url, requests, clients))
+            run = asyncio.run(drive_http(server.http_url, requests, clients))
     cpu, own = cpu_seconds(server.process.pid) - before, own_cpu_seconds() - own_before
     pairs = sum(len(request.documents) for request in requests)
     return {
         "pairs_per_s": pairs / watch.seconds,
-        "p50_ms": 1000 * percentile(latencies, 50),
-        "p99_ms": 1000 * percentile(latencies, 99),
+        "p50_ms": 1000 * percentile(run.latencies, 50),
+        "p99_ms": 1000 * percentile(run.latencies, 99),
         "front_end_cpu_ms_per_request": 1000 * cpu / len(requests),
         "client_cpu_ms_per_request": 1000 * own / len(requests),
-        "logits": logits,
+        "logits": run.scores,
     }
 
 
@@ -131,8 +112,8 @@ def summary(rounds: list[dict]) -> dict:
     return report
 
 
-def largest_difference(first: list[dict], second: list[dict]) -> float:
-    return max(abs(a[i] - b[i]) for a, b in zip(first, second, strict=True) for i in a)
+def largest_difference(first: list[list[float]], second: list[list[float]]) -> float:
+    return max(abs(a - b) for x, y in zip(first, second, strict=True) for a, b in zip(x, y, strict=True))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -57,9 +57,15 @@ def server_flags() -> tuple[str, ...]:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, server_flags):
+def server_env() -> dict[str, str]:
+    """Environment variables of the module's `server` (a module may override this too)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, server_flags, server_env):
     """The module's real server (a subprocess with worker processes), started once."""
-    srv = start_server(tiny_model, *server_flags)
+    srv = start_server(tiny_model, *server_flags, env=server_env)
     yield srv
     assert srv.stop() == 0, srv.log_text()
 

@@ -24,7 +24,7 @@ import pytest
 from langchain_cohere import CohereRerank
 from langchain_core.documents import Document
 
-from bench.server import free_port, start_server
+from bench.server import free_port
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc
 from service.http_schema import ModelList, RerankResponse, TeiRank
@@ -44,12 +44,13 @@ SLOW = dict(workers_per_device=1, max_batch_size=8, max_queue_pairs=200, max_doc
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model):
-    srv = start_server(
-        tiny_model, "--cpu-threads", "1", "--max-length", str(MAX_LENGTH), env={"RERANKER_AUTH_TOKENS": TOKEN}
-    )
-    yield srv
-    assert srv.stop() == 0, srv.log_text()
+def server_flags():
+    return ("--cpu-threads", "1", "--max-length", str(MAX_LENGTH))
+
+
+@pytest.fixture(scope="module")
+def server_env():
+    return {"RERANKER_AUTH_TOKENS": TOKEN}
 
 
 @pytest.fixture(scope="module")

@@ -4,20 +4,30 @@ committed lockfile); the test skips only where node or npm is absent."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import pathlib
 import subprocess
 
 import pytest
 
+from bench.server import ROOT
 from reranker_client import RerankerClient
-from tests.flaky import flaky_server
 from tests.npm import NODE_CLIENT, node_modules
 from tests.texts import DOCUMENTS, QUERY
 
 TOKEN = "node-client-token"
 DOCS = DOCUMENTS[:12]
 PAIRS = [[QUERY, DOCUMENTS[0]], ["where is Tokyo?", DOCUMENTS[5]], [QUERY, ""]]
+
+
+def _load(path: pathlib.Path):
+    """A module of the client package's tests (not a package of its own), by its path."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +37,9 @@ def installed():
 
 @pytest.fixture(scope="module")
 def flaky():
-    """A server that fails on purpose (tests/flaky.py)."""
-    with flaky_server() as (servicer, address):
+    """A server that fails on purpose: the Python client's (clients/python/tests/retry_server.py)."""
+    flaky_module = _load(pathlib.Path(ROOT) / "clients" / "python" / "tests" / "retry_server.py")
+    with flaky_module.flaky_server() as (servicer, address):
         yield servicer, address
 
 

@@ -1,6 +1,7 @@
 """A Reranker server that fails on purpose, for retry tests: a grpc.aio server
 on 127.0.0.1 with the Flaky servicer, on an event loop of its own thread, so
-that sync clients, asyncio clients and other processes can all call it."""
+that sync clients, asyncio clients and other processes (the Node.js client's
+tests in the server's repository load this file) can all call it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import threading
 from collections.abc import Iterator
 
 import grpc
+import grpc.aio
 
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc
@@ -38,8 +40,8 @@ class Flaky(reranker_pb2_grpc.RerankerServicer):
 
 @contextlib.contextmanager
 def flaky_server() -> Iterator[tuple[Flaky, str]]:
-    """A grpc.aio server with the Flaky servicer, on an event loop of its own
-    thread; yields the servicer (to read its counts) and the server's address."""
+    """The Flaky servicer on a grpc.aio server, on an event loop of its own thread,
+    so that sync and asyncio clients can both call it."""
     servicer = Flaky()
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -56,8 +58,10 @@ def flaky_server() -> Iterator[tuple[Flaky, str]]:
         return server, port
 
     server, port = on_loop(start())
-    yield servicer, f"127.0.0.1:{port}"
-    on_loop(server.stop(0))
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(30)
-    loop.close()
+    try:
+        yield servicer, f"127.0.0.1:{port}"
+    finally:
+        on_loop(server.stop(0))
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        loop.close()
