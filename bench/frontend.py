@@ -38,18 +38,17 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tokenizers import Tokenizer
 
 from bench import workloads
-from bench.common import percentile
+from bench.common import RESULTS, percentile
 from bench.server import Server, start_server
 from workers.prompt import PromptEncoder
 
-RESULTS = pathlib.Path(__file__).parent / "results"
 TICKS = os.sysconf("SC_CLK_TCK")
 PAIR_TOKENS = (250, 350)  # the pairs' length, prompt included
 # Where a py-spy sample was taken: the first rule, from the innermost frame outwards, that a frame matches.
@@ -99,16 +98,32 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-async def drive(address: str, shape: Shape, documents: Sequence[str], seconds: float, warm_up: float) -> dict:
-    """Send calls of `shape` from `shape.clients` clients for `warm_up` + `seconds`;
-    returns what the measured window saw."""
+async def drive(
+    address: str,
+    shape: Shape,
+    documents: Sequence[str],
+    seconds: float,
+    warm_up: float,
+    snapshot: Callable[[], dict] = dict,
+) -> dict:
+    """Send calls of `shape` from `shape.clients` clients: a warm-up of `warm_up` seconds
+    and at least one answer, then a measured window of `seconds` and at least one call
+    finished inside it (a busy machine may take longer), `snapshot()` taken at its edges."""
     import grpc
 
     from reranker.v1 import reranker_pb2 as pb
     from reranker.v1 import reranker_pb2_grpc
 
     loop = asyncio.get_running_loop()
-    state: dict[str, Any] = {"measuring": False, "stop": False, "pairs": 0, "calls": 0, "latencies": [], "counter": 0}
+    state: dict[str, Any] = {
+        "measuring": False,
+        "stop": False,
+        "counter": 0,
+        "answered": 0,
+        "pairs": 0,
+        "calls": 0,
+        "latencies": [],
+    }
 
     async def client(stub) -> None:
         while not state["stop"]:
@@ -123,6 +138,7 @@ async def drive(address: str, shape: Shape, documents: Sequence[str], seconds: f
                 first = number % len(documents)
                 chosen = [documents[(first + i) % len(documents)] for i in range(shape.documents)]
                 await stub.Rerank(pb.RerankRequest(query=query, documents=chosen), timeout=120)
+            state["answered"] += 1
             if state["measuring"]:
                 state["pairs"] += shape.documents
                 state["calls"] += 1
@@ -131,12 +147,21 @@ async def drive(address: str, shape: Shape, documents: Sequence[str], seconds: f
     async with grpc.aio.insecure_channel(address) as channel:
         stub = reranker_pb2_grpc.RerankerStub(channel)
         tasks = [asyncio.create_task(client(stub)) for _ in range(shape.clients)]
-        await asyncio.sleep(warm_up)
+
+        async def at_least(duration: float, key: str) -> None:
+            """`duration` seconds, then until state[key] counts a call (or every client has failed)."""
+            await asyncio.sleep(duration)
+            while not state[key] and not all(task.done() for task in tasks):
+                await asyncio.sleep(0.05)
+
+        await at_least(warm_up, "answered")
+        state["before"] = snapshot()
         state["measuring"] = True
         state["started"] = time.perf_counter()
-        await asyncio.sleep(seconds)
+        await at_least(seconds, "calls")
         state["measuring"] = False
         state["seconds"] = time.perf_counter() - state["started"]
+        state["after"] = snapshot()
         state["stop"] = True
         await asyncio.gather(*tasks)
     return state
@@ -147,31 +172,15 @@ def measure(server: Server, shape: Shape, documents: Sequence[str], seconds: flo
     workers = server.worker_pids()
     front = server.process.pid
 
-    async def run() -> dict:
-        window: dict = {}
+    def snapshot() -> dict:
+        return {
+            "front": cpu_seconds(front),
+            "workers": sum(cpu_seconds(pid) for pid in workers),
+            "client": time.process_time(),
+        }
 
-        async def sample_at_edges() -> None:
-            await asyncio.sleep(warm_up)
-            window["before"] = snapshot()
-            await asyncio.sleep(seconds)
-            window["after"] = snapshot()
-
-        def snapshot() -> dict:
-            return {
-                "front": cpu_seconds(front),
-                "workers": sum(cpu_seconds(pid) for pid in workers),
-                "client": time.process_time(),
-            }
-
-        driven, _ = await asyncio.gather(drive(server.address, shape, documents, seconds, warm_up), sample_at_edges())
-        return driven | window
-
-    state = asyncio.run(run())
+    state = asyncio.run(drive(server.address, shape, documents, seconds, warm_up, snapshot))
     pairs = state["pairs"]
-    if not pairs:
-        raise SystemExit(
-            f"{shape.name}: no call finished in the {seconds} s measured; give more --seconds or --warm-up"
-        )
     spent = {key: state["after"][key] - state["before"][key] for key in ("front", "workers", "client")}
     latencies = [1000 * s for s in state["latencies"]]
     return {

@@ -39,7 +39,7 @@ import torch
 from tokenizers import Tokenizer
 
 from bench import workloads
-from bench.common import SHAPES, Stopwatch, percentile, save_random_checkpoint
+from bench.common import Stopwatch, add_model_arguments, model_directory, percentile, results_path
 from bench.contenders import TokenCounter, plan_batches, quiet
 from workers.layout import COMPILE_MODES, LAYOUTS
 from workers.precision import PRECISIONS
@@ -47,7 +47,6 @@ from workers.prompt import EncodedPair, PromptEncoder
 from workers.protocol import ScoreBatch
 from workers.scoring import Scorer, load_scorer
 
-RESULTS = pathlib.Path(__file__).parent / "results"
 OPTIONS = {"flex": ("attn", "flex_attention"), "eager": ("attn", "eager"), "compile": ("compile", "default")}
 OPTIONS["graphs"] = ("compile", "reduce-overhead")
 assert {mode for kind, mode in OPTIONS.values() if kind == "compile"} <= set(COMPILE_MODES)
@@ -134,10 +133,7 @@ def agreement(logits: Sequence[float], reference: Sequence[float]) -> dict:
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="", help="a checkpoint directory (default: random weights in --shape)")
-    parser.add_argument("--shape", default="cpu", choices=list(SHAPES))
-    parser.add_argument("--tokenizer", default="", help="with --shape: a folder with the Qwen3 tokenizer files")
-    parser.add_argument("--device", default="cpu")
+    add_model_arguments(parser)
     parser.add_argument("--dtype", default="fp32", choices=PRECISIONS, help="the variants' precision")
     parser.add_argument("--variants", nargs="+", default=["padded", "packed"])
     parser.add_argument("--budgets", nargs="+", type=int, default=[2048, 4096], help="padded tokens per batch")
@@ -160,15 +156,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     quiet()
     torch.set_num_threads(args.threads)
     start = time.monotonic()
-    name = pathlib.Path(args.model).name if args.model else args.shape
-    path = pathlib.Path(args.json or RESULTS / f"layouts_{name}_{args.device.replace(':', '')}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = results_path(args, "layouts")
     variants = [Variant.parse(text, args.dtype) for text in args.variants]
     with tempfile.TemporaryDirectory(prefix="bench-layouts-") as scratch:
-        model_dir = args.model or str(pathlib.Path(scratch) / "model")
-        if not args.model:
-            dtype = "float32" if args.device == "cpu" else "bfloat16"
-            save_random_checkpoint(args.shape, model_dir, args.tokenizer or None, dtype=dtype, device=args.device)
+        model_dir = model_directory(args, scratch)
         tokenizer = Tokenizer.from_file(str(pathlib.Path(model_dir) / "tokenizer.json"))
         workload = workloads.build(args.workload, tokenizer, args.requests, 0, 0, args.documents)
         encoder = PromptEncoder(tokenizer, args.max_length)

@@ -39,15 +39,13 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from bench import workloads
-from bench.common import SHAPES, Stopwatch, save_random_checkpoint
+from bench.common import Stopwatch, add_model_arguments, model_directory, model_name, results_path
 from bench.contenders import plan_batches, quiet
 from workers.layout import LAYOUTS
 from workers.precision import PRECISIONS
 from workers.prompt import EncodedPair, PromptEncoder
 from workers.protocol import ScoreBatch
 from workers.scoring import load_scorer
-
-RESULTS = pathlib.Path(__file__).parent / "results"
 
 # Kernel or operator name fragments (lower case) per category, first match wins.
 CATEGORIES = (
@@ -212,10 +210,7 @@ def print_table(shape: str, report: dict) -> None:
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="", help="a checkpoint directory (default: random weights in --shape)")
-    parser.add_argument("--shape", default="cpu", choices=list(SHAPES))
-    parser.add_argument("--tokenizer", default="", help="with --shape: a folder with the Qwen3 tokenizer files")
-    parser.add_argument("--device", default="cpu")
+    add_model_arguments(parser)
     parser.add_argument("--dtype", default="fp32", choices=PRECISIONS)
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), help="layout[/flex] (flex: FlexAttention)")
     parser.add_argument("--budget", type=int, default=0, help="padded tokens per batch (default: the device's)")
@@ -234,14 +229,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse(argv)
     quiet()
     torch.set_num_threads(args.threads)
-    name = pathlib.Path(args.model).name if args.model else args.shape
-    path = pathlib.Path(args.json or RESULTS / f"profile_{name}_{args.device.replace(':', '')}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = results_path(args, "profile")
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as scratch:
-        model_dir = args.model or str(pathlib.Path(scratch) / "model")
-        if not args.model:
-            dtype = "float32" if args.device == "cpu" else "bfloat16"
-            save_random_checkpoint(args.shape, model_dir, args.tokenizer or None, dtype=dtype, device=args.device)
+        model_dir = model_directory(args, scratch)
         tokenizer = Tokenizer.from_file(str(pathlib.Path(model_dir) / "tokenizer.json"))
         workload = workloads.build("a", tokenizer, args.requests, 0, 0, args.documents)
         budget = args.budget or Settings(model=model_dir).batch_tokens(args.device)
@@ -280,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         [r for r in report["layouts"] if "error" not in r],
         [r for r in report["layouts"] if "error" in r],
     )
+    name = model_name(args)
     print_table(name, report)
     for result in failed:
         print(f"\n{name} {result['layout']} ({result['attn']}) failed: {result['error'][:300]}")
