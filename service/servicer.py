@@ -19,7 +19,7 @@ from google.protobuf.duration_pb2 import Duration
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc
 from service.calls import Answer, CallOptions, ModelInfo, RerankCall, ScoreCall, Scored, Timing, Truncation
-from service.errors import InvalidArgument, ServiceError
+from service.errors import DeadlineExceeded, InvalidArgument, ServiceError
 from service.interceptors import status_of
 from service.ranking import MAX_ID_CHARS, Ranker
 from service.work import BATCH, INTERACTIVE
@@ -164,6 +164,9 @@ def _rerank_call(request: pb.RerankRequest, time_remaining: float | None) -> Rer
 def _options(request, time_remaining: float | None, has_timeout: bool) -> CallOptions:
     """The fields every call has, range-checked; the timeout is the earlier of
     the call's deadline and the request's own `timeout`."""
+    if time_remaining is not None and time_remaining <= 0:
+        # a large message on a busy machine can arrive after its caller's deadline
+        raise DeadlineExceeded("the call's deadline passed before the server could read the request")
     if request.priority not in _PRIORITIES:
         raise InvalidArgument(
             f"priority {request.priority} is not a Priority; use PRIORITY_INTERACTIVE or PRIORITY_BATCH"

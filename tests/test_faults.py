@@ -8,12 +8,16 @@ processes show (SIGKILL, orphans, signals) is in tests/test_processes.py."""
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from reranker.v1 import reranker_pb2 as pb
+from service import servicer
+from service.errors import DeadlineExceeded
+from service.interceptors import status_of
 from tests.apps import OUTCOMES, metric, outcome, rerank_request, run, running, settled, stub, until
 from tests.doubles import Load
 
@@ -83,6 +87,22 @@ def test_deadline_expires_while_queued(tiny_model):
             assert moved["expired"] + moved["cancelled"] == 2  # both left the queue without reaching the worker
 
     run(scenario)
+
+
+@pytest.mark.parametrize("rpc", ["Rerank", "Score"])
+def test_a_call_read_after_its_deadline_is_deadline_exceeded(rpc):
+    """A large message on a busy machine can reach the handler after its caller's
+    deadline: that is DEADLINE_EXCEEDED, not a bad `timeout` (INVALID_ARGUMENT)."""
+    if rpc == "Rerank":
+        make = functools.partial(servicer._rerank_call, pb.RerankRequest(query="q", documents=["d"]))
+    else:
+        make = functools.partial(servicer._options, pb.ScoreRequest(), has_timeout=False)
+    with pytest.raises(DeadlineExceeded, match="deadline passed before the server could read the request"):
+        make(-0.01)
+    with pytest.raises(DeadlineExceeded):
+        make(0.0)
+    assert make(None) is not None and make(0.5) is not None
+    assert status_of(DeadlineExceeded("x")) == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def test_rerank_many_per_request_timeout_and_cancel(tiny_model):
@@ -309,8 +329,11 @@ def test_tokenizing_stops_for_calls_that_are_gone(tiny_model, closing):
             channel, reranker = stub(app)
             async with channel:
                 huge = pb.RerankRequest(query="q", documents=[f"{i} " + "lorem ipsum " * 1300 for i in range(1000)])
-                timeout = 0.5 if closing == "deadline" else 60
-                big = asyncio.ensure_future(outcome(reranker.Rerank(huge, timeout=timeout)))
+                if closing == "deadline":
+                    # the request's own timeout runs from its arrival: sending 16 MB on a busy
+                    # machine must not use it up before the server starts tokenizing
+                    huge.timeout.FromMilliseconds(500)
+                big = asyncio.ensure_future(outcome(reranker.Rerank(huge, timeout=60)))
                 await until(lambda: _calls_in_progress(app) == 1, "the huge call to arrive")
                 if closing == "client goes away":
                     big.cancel()
