@@ -307,6 +307,8 @@ def test_grace_expiry_ends_every_call_and_records_what_was_sent(tiny_model):
             async with channel:
                 calls = [outcome(reranker.Rerank(rerank_request(10, f"g{i}"), timeout=60)) for i in range(4)]
                 pending = asyncio.ensure_future(asyncio.gather(*calls))
+                # all four admitted (a busy machine may still be sending some), work in flight
+                await until(lambda: metric(app, "reranker_pairs_admitted_total") == 40, "all four calls admitted")
                 await until(lambda: metric(app, "reranker_batches_total") > 0, "work in flight")
                 await app.shutdown(asyncio.Event())
                 results = await pending

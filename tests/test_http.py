@@ -432,6 +432,8 @@ def test_grace_expiry_ends_every_http_call_with_a_503(tiny_model):
             async with http_client(app) as client:
                 calls = [client.post("/v2/rerank", json=body(10, f"g{i}")) for i in range(4)]
                 pending = asyncio.ensure_future(asyncio.gather(*calls))
+                # all four admitted (a busy machine may still be sending some), work in flight
+                await until(lambda: metric(app, "reranker_pairs_admitted_total") == 40, "all four calls admitted")
                 await until(lambda: metric(app, "reranker_batches_total") > 0, "work in flight")
                 await app.shutdown(asyncio.Event())
                 answers = await pending
