@@ -25,7 +25,7 @@ def test_a_model_that_cannot_load_fails_the_start(tiny_model):
         raise OSError("(test double) the weights are unreadable")
 
     async def scenario():
-        settings = Settings(model=str(tiny_model), host="127.0.0.1", port=0, metrics_port=0, device="cpu")
+        settings = Settings(model=str(tiny_model), host="127.0.0.1", port=0, http_port=0, metrics_port=0, device="cpu")
         app = build(settings, ThreadLauncher(broken))
         await app.start()
         try:
