@@ -500,8 +500,6 @@ class _Front:
             received += len(message.get("body", b""))
             if received > self._max_body_bytes:
                 raise _Refusal(413, "RESOURCE_EXHAUSTED", self._too_large())
-            if not message.get("more_body"):
-                self._memory.saw(received)
             return message
 
         async def send_observed(message: Message) -> None:
@@ -518,6 +516,8 @@ class _Front:
         except Exception:
             log.exception("rpc_crashed")
             await self._error(send, call, "INTERNAL", "internal error; the server log has the details")
+        finally:
+            self._memory.call_ended(received)
 
     async def _refuse(self, send: Send, call: _Call, error: ServiceError | _Refusal) -> None:
         if isinstance(error, _Refusal):

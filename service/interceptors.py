@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import grpc
 import structlog
@@ -70,34 +71,38 @@ def _rewrap(
     raise ValueError("handler has no behaviour")
 
 
-class _Undecodable:
-    """Stands in for a request message that could not be parsed, so that the call
-    ends with INVALID_ARGUMENT instead of grpc's UNKNOWN."""
+@dataclass(frozen=True, slots=True)
+class _Received:
+    """A request message as it arrived: parsed, or why it could not be (so that
+    the call ends with INVALID_ARGUMENT instead of grpc's UNKNOWN), and its size
+    on the wire, so that the heap is trimmed once the call that carried a large
+    one is over and its objects are freed."""
 
-    def __init__(self, error: Exception) -> None:
-        self.error = error
+    message: object
+    error: Exception | None
+    size: int
 
 
-def _lenient(deserialize: Callable, memory: MemoryReleaser) -> Callable:
-    def parse(data: bytes):
-        memory.saw(len(data))
+def _receiving(deserialize: Callable) -> Callable[[bytes], _Received]:
+    def parse(data: bytes) -> _Received:
         try:
-            return deserialize(data)
+            return _Received(deserialize(data), None, len(data))
         except Exception as exc:  # DecodeError and its kin: bad bytes from the client
-            return _Undecodable(exc)
+            return _Received(None, exc, len(data))
 
     return parse
 
 
-def _check(request):
-    if isinstance(request, _Undecodable):
-        raise InvalidArgument(f"the request message could not be parsed: {request.error}")
-    return request
+def _check(received: _Received, call: _Call):
+    call.received_bytes += received.size
+    if received.error is not None:
+        raise InvalidArgument(f"the request message could not be parsed: {received.error}")
+    return received.message
 
 
-async def _checked(requests):
-    async for request in requests:
-        yield _check(request)
+async def _checked(requests, call: _Call):
+    async for received in requests:
+        yield _check(received, call)
 
 
 class ObservingInterceptor(grpc.aio.ServerInterceptor):
@@ -134,7 +139,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                     try:
                         try:
                             with self._limit.taken():
-                                responses = behaviour(check(request), context)
+                                responses = behaviour(check(request, call), context)
                                 del request  # only the call's own frames hold it (see _Call)
                                 async for response in responses:
                                     yield response
@@ -156,7 +161,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     try:
                         with self._limit.taken():
-                            answer = behaviour(check(request), context)
+                            answer = behaviour(check(request, call), context)
                             del request  # only the call's own frames hold it (see _Call)
                             return await answer
                     except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -172,7 +177,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
 
             return unary
 
-        return _rewrap(handler, wrap, _lenient(handler.request_deserializer, self._memory))
+        return _rewrap(handler, wrap, _receiving(handler.request_deserializer))
 
 
 class _Call:
@@ -193,6 +198,7 @@ class _Call:
         self._start = time.perf_counter()
         self.code = grpc.StatusCode.OK
         self.reason: str | None = None
+        self.received_bytes = 0
         tracing = interceptor._tracing
         self._trace = tracing.attach(context.invocation_metadata()) if tracing else None
 
@@ -231,6 +237,7 @@ class _Call:
         if self.reason is not None:
             fields["reason"] = self.reason
         log.info("rpc", **fields)
+        interceptor._memory.call_ended(self.received_bytes)
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):

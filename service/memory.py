@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import time
 
-# Messages at least this large make the next pass trim the heap.
+# Calls that received at least this much make the next pass trim the heap.
 LARGE_MESSAGE_BYTES = 1 << 20
 
 
@@ -27,23 +28,31 @@ def _malloc_trim():
 
 
 class MemoryReleaser:
-    """Trims the heap, at most once per `interval_s`, after large messages were seen."""
+    """Trims the heap once calls that carried large messages are over.
 
-    def __init__(self, interval_s: float = 1.0) -> None:
-        self._interval_s = interval_s
-        self._pending = False
+    The trim waits until `settle_s` have passed since the last such call
+    ended: not when a message arrives, since a trim during the parse of a large
+    message (seconds of work on a busy machine) finds nothing to give back and
+    the memory freed after it stayed with the process; and not at the very
+    moment the handler returns, while gRPC still holds the message to send the
+    status. While large calls keep coming their memory is reused, not trimmed.
+    """
+
+    def __init__(self, settle_s: float = 1.0) -> None:
+        self._settle_s = settle_s
+        self._due: float | None = None
         self._trim = _malloc_trim()
 
-    def saw(self, size: int) -> None:
-        """A message of `size` bytes arrived (any thread)."""
-        if size >= LARGE_MESSAGE_BYTES:
-            self._pending = True
+    def call_ended(self, received_bytes: int) -> None:
+        """A call that received `received_bytes` is over (event loop thread)."""
+        if received_bytes >= LARGE_MESSAGE_BYTES:
+            self._due = time.monotonic() + self._settle_s
 
     async def run(self) -> None:
         if self._trim is None:
             return
         while True:
-            await asyncio.sleep(self._interval_s)
-            if self._pending:
-                self._pending = False
+            await asyncio.sleep(self._settle_s / 2)
+            if self._due is not None and time.monotonic() >= self._due:
+                self._due = None
                 await asyncio.to_thread(self._trim, 0)
