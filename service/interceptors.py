@@ -138,8 +138,9 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                     call = _Call(self, rpc, context)
                     try:
                         try:
+                            request = check(request, call)  # counted first, so a call refused at the limit is too
                             with self._limit.taken():
-                                responses = behaviour(check(request, call), context)
+                                responses = behaviour(request, context)
                                 del request  # only the call's own frames hold it (see _Call)
                                 async for response in responses:
                                     yield response
@@ -160,8 +161,9 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 call = _Call(self, rpc, context)
                 try:
                     try:
+                        request = check(request, call)  # counted first, so a call refused at the limit is too
                         with self._limit.taken():
-                            answer = behaviour(check(request, call), context)
+                            answer = behaviour(request, context)
                             del request  # only the call's own frames hold it (see _Call)
                             return await answer
                     except (grpc.aio.AbortError, asyncio.CancelledError):
