@@ -244,8 +244,8 @@ def plan_batches(
 
     queue = PendingQueue()
     job = Job(pairs)
-    for index in range(len(pairs)):
-        queue.push(QueuedPair(job, index, index, 0.0))
+    for index, pair in enumerate(pairs):
+        queue.push(QueuedPair(job, index, index, 0.0, pair.length))
     batches = []
     while len(queue):
         items, _ = queue.plan(max_tokens, max_rows, min_efficiency)

@@ -220,8 +220,8 @@ class Batcher:
         self.jobs[job.id] = job
         self._metrics.pairs_admitted.inc(len(job.pairs))
         job.watch(lambda: self.jobs.pop(job.id, None))
-        for index in range(len(job.pairs)):
-            item = QueuedPair(job, index, next(self._seq), now)
+        for index, pair in enumerate(job.pairs):
+            item = QueuedPair(job, index, next(self._seq), now, pair.length)
             job.items.append(item)
             self._queue.push(item)
         self._queue_changed()

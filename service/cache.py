@@ -97,6 +97,9 @@ class ScoreCache:
         self._scores = _Scores(max_bytes, metrics)
         self._flights: dict[bytes, Flight] = {}
         self._metrics = metrics
+        # Read when /metrics is scraped, not written for every result.
+        metrics.cache_entries.set_function(lambda: len(self._scores))
+        metrics.cache_bytes.set_function(lambda: self._scores.currsize)
 
     def __len__(self) -> int:
         return len(self._scores)
@@ -122,8 +125,6 @@ class ScoreCache:
     def finish(self, key: bytes, score: DocumentScore) -> None:
         """The claimant computed `key`: keep it, and tell whoever waited."""
         self._scores[key] = score
-        self._metrics.cache_entries.set(len(self._scores))
-        self._metrics.cache_bytes.set(self._scores.currsize)
         self._land(key, score)
 
     def abandon(self, key: bytes) -> None:

@@ -105,16 +105,13 @@ class QueuedPair:
     index: int  # in job.pairs
     seq: int  # arrival order
     enqueued_at: float
+    length: int  # the pair's tokens, kept here: the planner reads it for every candidate
     queued: bool = False
     retried: bool = False
 
     @property
     def pair(self) -> EncodedPair:
         return self.job.pairs[self.index]
-
-    @property
-    def length(self) -> int:
-        return self.job.pairs[self.index].length
 
 
 @dataclass(eq=False)

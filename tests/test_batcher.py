@@ -22,7 +22,7 @@ def queue_of(
     queue = queue or PendingQueue()
     job = Job([EncodedPair(array("i", [1] * n), False) for n in lengths], priority=priority)
     for index in range(len(lengths)):
-        item = QueuedPair(job, index, next(_seq), 0.0)
+        item = QueuedPair(job, index, next(_seq), 0.0, lengths[index])
         job.items.append(item)
         queue.push(item)
     return queue, job
