@@ -170,18 +170,20 @@ async def drive(
 def measure(server: Server, shape: Shape, documents: Sequence[str], seconds: float, warm_up: float) -> dict:
     """One shape: pairs/s, latency, and CPU seconds per pair of each process."""
     workers = server.worker_pids()
+    tokenizers = server.tokenizer_pids()
     front = server.process.pid
 
     def snapshot() -> dict:
         return {
             "front": cpu_seconds(front),
+            "tokenizers": sum(cpu_seconds(pid) for pid in tokenizers),
             "workers": sum(cpu_seconds(pid) for pid in workers),
             "client": time.process_time(),
         }
 
     state = asyncio.run(drive(server.address, shape, documents, seconds, warm_up, snapshot))
     pairs = state["pairs"]
-    spent = {key: state["after"][key] - state["before"][key] for key in ("front", "workers", "client")}
+    spent = {key: state["after"][key] - state["before"][key] for key in ("front", "tokenizers", "workers", "client")}
     latencies = [1000 * s for s in state["latencies"]]
     return {
         "shape": shape.name,
@@ -194,8 +196,9 @@ def measure(server: Server, shape: Shape, documents: Sequence[str], seconds: flo
         "p99_ms": round(percentile(latencies, 99), 2),
         "front_end_cpu_us_per_pair": round(1e6 * spent["front"] / pairs, 1),
         "pairs_per_front_end_cpu_s": round(pairs / spent["front"]),
+        "tokenizers_cpu_us_per_pair": round(1e6 * spent["tokenizers"] / pairs, 1),
         "workers_cpu_us_per_pair": round(1e6 * spent["workers"] / pairs, 1),
-        "service_cpu_us_per_pair": round(1e6 * (spent["front"] + spent["workers"]) / pairs, 1),
+        "service_cpu_us_per_pair": round(1e6 * (spent["front"] + spent["tokenizers"] + spent["workers"]) / pairs, 1),
         "client_cpu_us_per_pair": round(1e6 * spent["client"] / pairs, 1),
     }
 
@@ -259,13 +262,13 @@ def print_table(report: dict) -> None:
         f"\nfront end with no-model workers ({report['server_args']}); pairs of "
         f"{report['mean_pair_tokens']:.0f} tokens; load average {report['load_average']}"
     )
-    columns = ("clients", "pairs/s", "p50 ms", "p99 ms", "FE µs/pair", "pairs/FE-s", "wrk µs/pair", "svc µs/pair",
-               "client µs")  # fmt: skip
+    columns = ("clients", "pairs/s", "p50 ms", "p99 ms", "FE µs/pair", "pairs/FE-s", "tok µs/pair", "wrk µs/pair",
+               "svc µs/pair", "client µs")  # fmt: skip
     print(f"{'':12}" + "".join(f"{c:>12}" for c in columns))
     for r in report["shapes"]:
         cells = (r["clients"], r["pairs_per_s"], r["p50_ms"], r["p99_ms"], r["front_end_cpu_us_per_pair"],
-                 r["pairs_per_front_end_cpu_s"], r["workers_cpu_us_per_pair"], r["service_cpu_us_per_pair"],
-                 r["client_cpu_us_per_pair"])  # fmt: skip
+                 r["pairs_per_front_end_cpu_s"], r["tokenizers_cpu_us_per_pair"], r["workers_cpu_us_per_pair"],
+                 r["service_cpu_us_per_pair"], r["client_cpu_us_per_pair"])  # fmt: skip
         print(f"{r['shape']:12}" + "".join(f"{c:>12}" for c in cells))
     for r in report["shapes"]:
         if "profile" in r:

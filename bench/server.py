@@ -104,7 +104,12 @@ class Server:
         return total
 
     def worker_pids(self) -> list[int]:
-        return children(self.process.pid, "spawn_main")
+        """The model workers (spawned children that are not tokenizer processes)."""
+        return [pid for pid in children(self.process.pid, "spawn_main") if command_name(pid) != "tokenizer"]
+
+    def tokenizer_pids(self) -> list[int]:
+        """The tokenizer processes (they name themselves `tokenizer`)."""
+        return [pid for pid in children(self.process.pid, "spawn_main") if command_name(pid) == "tokenizer"]
 
     def stop(self, timeout: float = 60.0) -> int:
         if self.process.poll() is None:
@@ -149,6 +154,15 @@ def children(pid: int, marker: str = "") -> list[int]:
         if parent == pid and marker in command:
             found.append(int(entry))
     return found
+
+
+def command_name(pid: int) -> str:
+    """/proc/<pid>/comm: what ps shows as the process's name ("" once it has gone)."""
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            return comm.read().strip()
+    except FileNotFoundError:
+        return ""
 
 
 def alive(pid: int) -> bool:

@@ -17,7 +17,6 @@ import asyncio
 import os
 import socket
 import ssl
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -38,10 +37,11 @@ from service.interceptors import ObservingInterceptor, TokenAuthInterceptor
 from service.limits import CallLimit
 from service.memory import MemoryReleaser
 from service.metrics import Metrics
-from service.pool import Launcher, WorkerPool, count_gpus, worker_specs
+from service.pool import Launcher, WorkerLoadError, WorkerPool, count_gpus, worker_specs
 from service.ranking import CallLimits, Ranker
 from service.servicer import RerankerServicer
 from service.settings import Settings, parse_devices
+from service.tokenizing import TokenizerPool, TokenizerStartError
 from service.tokens import BearerTokens
 from service.tracing import Tracing
 from workers.checkpoint import Checkpoint, CheckpointNotFound, resolve_checkpoint
@@ -74,7 +74,7 @@ class App:
     ranker: Ranker
     server: grpc.aio.Server
     health: health.aio.HealthServicer
-    tokenizers: ThreadPoolExecutor
+    tokenizers: TokenizerPool
     calls: CallLimit
     memory: MemoryReleaser
     tracing: Tracing | None
@@ -86,10 +86,13 @@ class App:
     _serving: bool = field(default=False, repr=False)
     _health_task: asyncio.Task | None = field(default=None, repr=False)
     _memory_task: asyncio.Task | None = field(default=None, repr=False)
+    _tokenizers_task: asyncio.Task | None = field(default=None, repr=False)
 
     async def start(self) -> None:
-        """Start the workers, then the servers (health NOT_SERVING until `ready`)."""
+        """Start the workers and the tokenizer processes, then the servers (health
+        NOT_SERVING until `ready`)."""
         await self.pool.start(self.batcher, on_change=self._update_health)
+        self._tokenizers_task = asyncio.create_task(self.tokenizers.start(), name="tokenizers-start")
         self.batcher.start()
         self._memory_task = asyncio.create_task(self.memory.run(), name="memory")
         await _set_health(self.health, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -107,8 +110,15 @@ class App:
         return self._serving and not self._stopped
 
     async def ready(self) -> None:
-        """Wait for every worker to load; then serve. Raises WorkerLoadError."""
+        """Wait for every worker to load and the tokenizer processes to start; then
+        serve. Raises WorkerLoadError."""
         await self.pool.wait_ready()
+        assert self._tokenizers_task is not None, "start() ran first"
+        try:
+            await self._tokenizers_task
+        except TokenizerStartError as exc:
+            raise WorkerLoadError(str(exc)) from None
+        log.info("tokenizers_ready", processes=len(self.tokenizers.pids))
         self.ranker.info = _model_info(self.settings, self.checkpoint, self.pool, self.encoder)
         self._update_health()
         log.info("ready", workers=len(self.pool.workers), port=self.port)
@@ -151,7 +161,10 @@ class App:
         await self.pool.stop()
         if self._memory_task is not None:
             self._memory_task.cancel()
-        self.tokenizers.shutdown(wait=False, cancel_futures=True)
+        if self._tokenizers_task is not None:
+            self._tokenizers_task.cancel()  # stopped while they were starting (a no-op once started)
+            await asyncio.gather(self._tokenizers_task, return_exceptions=True)
+        await self.tokenizers.stop()
         if self.tracing is not None:
             self.tracing.shutdown()
 
@@ -205,7 +218,7 @@ def build(settings: Settings, launcher: Launcher | None = None) -> App:
         max_queue_pairs=settings.max_queue_pairs,
         max_queue_tokens=settings.max_queue_tokens,
     )
-    tokenizers = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
+    tokenizers = TokenizerPool(str(checkpoint.tokenizer_file), settings.max_length, settings.tokenizers(), metrics)
     limits = CallLimits(
         settings.max_documents_per_request,
         settings.max_query_chars,
@@ -216,7 +229,7 @@ def build(settings: Settings, launcher: Launcher | None = None) -> App:
     score_cache = ScoreCache(settings.score_cache_bytes, metrics) if settings.score_cache_bytes else None
     ranker = Ranker(
         limits,
-        encoder,
+        settings.max_length,
         batcher,
         tokenizers,
         tracing,
@@ -285,7 +298,7 @@ def _tokenizer(checkpoint: Checkpoint):
     try:
         return checkpoint.load_tokenizer()
     except Exception as exc:  # the tokenizers library raises plain Exceptions for a corrupt file
-        raise StartupError(f"{checkpoint.path / 'tokenizer.json'} is not a usable tokenizer: {exc}") from None
+        raise StartupError(f"{checkpoint.tokenizer_file} is not a usable tokenizer: {exc}") from None
 
 
 def _accepted_tokens(settings: Settings) -> tuple[str, ...]:

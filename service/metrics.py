@@ -73,6 +73,11 @@ class Metrics:
         self.worker_restarts = Counter(
             "reranker_worker_restarts_total", "Worker processes restarted after dying.", ["worker"], registry=r
         )
+        self.tokenizer_restarts = Counter(
+            "reranker_tokenizer_restarts_total",
+            "Times the tokenizer processes were started afresh after one of them died.",
+            registry=r,
+        )
         self.worker_token_budget = Gauge(
             "reranker_worker_token_budget",
             "Padded tokens per batch the worker is given (lowered after out-of-memory).",

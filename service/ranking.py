@@ -22,7 +22,6 @@ import functools
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import structlog
@@ -43,18 +42,19 @@ from service.calls import (
     Usage,
 )
 from service.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from service.tokenizing import TokenizerPool
 from service.tracing import Tracing
 from service.work import BATCH, INTERACTIVE, Job
 from workers.prompt import (
     DEFAULT_INSTRUCTION,
     Chunking,
     EncodedPair,
-    PromptEncoder,
     PromptTooLong,
     TooManyWindows,
     Window,
     WindowTooSmall,
 )
+from workers.tokenizer import NotText
 
 # Identifiers reach log lines and error messages: keep them short.
 MAX_ID_CHARS = 128
@@ -212,15 +212,15 @@ class Ranker:
     def __init__(
         self,
         limits: CallLimits,
-        encoder: PromptEncoder,
+        max_length: int,
         batcher: Batcher,
-        tokenizers: Executor,
+        tokenizers: TokenizerPool,
         tracing: Tracing | None = None,
         score_cache: ScoreCache | None = None,
         chunk_overlap_tokens: int = 0,
     ) -> None:
         self._limits = limits
-        self._encoder = encoder
+        self._max_length = max_length
         self._batcher = batcher
         self._tokenizers = tokenizers
         self._tracing = tracing
@@ -431,13 +431,13 @@ class Ranker:
         job.watch(work.changed.set)
 
     async def _keys(self, work: _Work, options: CallOptions, deadline: float | None, info: ModelInfo) -> None:
-        """Each distinct pair's cache key, hashed in the tokenizer threads."""
+        """Each distinct pair's cache key, hashed on the event loop one chunk at a time."""
         chunked = options.truncation is Truncation.CHUNK
         shared = cache.scope(
             info.model_id,
             info.revision,
             info.precision,
-            self._encoder.max_length,
+            self._max_length,
             options.instruction or DEFAULT_INSTRUCTION,
             options.truncation.value,
             options.max_tokens_per_doc,
@@ -447,17 +447,20 @@ class Ranker:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         for start, chunk in _chunks(pairs):
+            if start:
+                await asyncio.sleep(0)  # hashing a chunk takes well under a millisecond: let others run between
             _check_deadline(loop, deadline, "hashed")
-            found = await loop.run_in_executor(self._tokenizers, cache.keys, shared, chunk)
-            for document, key in zip(work.documents[start : start + len(chunk)], found, strict=True):
+            for document, key in zip(
+                work.documents[start : start + len(chunk)], cache.keys(shared, chunk), strict=True
+            ):
                 document.key = key
         work.tokenize_seconds += time.perf_counter() - started
 
     async def _encode(
         self, work: _Work, claimed: list[int], options: CallOptions, deadline: float | None
     ) -> list[list[Window]]:
-        """Tokenize in chunks, one at a time in the tokenizer pool; stop when the
-        caller is gone (cancelled) or the deadline has passed."""
+        """Tokenize in chunks, one at a time in the tokenizer processes; stop when
+        the caller is gone (cancelled) or the deadline has passed."""
         loop = asyncio.get_running_loop()
         limits = self._limits
         chunking = (
@@ -471,15 +474,12 @@ class Ranker:
         for start, chunk in _chunks(pairs):
             _check_deadline(loop, deadline, "tokenized")
             try:
-                encoded = await loop.run_in_executor(
-                    self._tokenizers,
-                    self._encoder.encode_windows,
-                    chunk,
-                    options.instruction,
-                    options.truncation is not Truncation.NONE,
-                    cap,
-                    chunking,
-                )
+                async with asyncio.timeout_at(deadline):
+                    encoded = await self._tokenizers.encode_windows(
+                        chunk, options.instruction, options.truncation is not Truncation.NONE, cap, chunking
+                    )
+            except TimeoutError:
+                raise DeadlineExceeded("the deadline passed while the request was being tokenized") from None
             except PromptTooLong as exc:
                 if exc.position is None:
                     raise InvalidArgument(str(exc)) from None
@@ -487,8 +487,14 @@ class Ranker:
                 if cap is not None and exc.document_tokens > cap:
                     limit = f"{exc.document_tokens} document tokens, more than max_tokens_per_doc={cap}"
                 else:
-                    limit = f"{exc.needed} tokens, more than max_length {self._encoder.max_length}"
+                    limit = f"{exc.needed} tokens, more than max_length {self._max_length}"
                 raise InvalidArgument(f"document {index} needs {limit}, and truncation was refused") from None
+            except NotText as exc:
+                if exc.position is None:
+                    raise InvalidArgument(str(exc)) from None
+                index = self._index(work, claimed[start + exc.position])
+                what = "query" if exc.field == "query" else f"document {index}"
+                raise InvalidArgument(f"{what} is not valid Unicode text (it holds a lone surrogate)") from None
             except TooManyWindows as exc:
                 index = self._index(work, claimed[start + exc.position])
                 raise InvalidArgument(

@@ -112,7 +112,10 @@ class Settings:
         4096,
         "TRUNCATION_CHUNK: windows one request may score (a document that fits is one); more is INVALID_ARGUMENT",
     )
-    tokenizer_threads: int = _setting(2, "threads that tokenize requests off the event loop")
+    tokenizer_processes: int = _setting(
+        0,
+        "processes beside the front end that tokenize requests (0: one per two of the machine's cores, 1 to 8)",
+    )
     # Long documents and repeated work
     chunk_overlap_tokens: int = _setting(
         128,
@@ -169,7 +172,6 @@ class Settings:
             "max_documents_per_request",
             "max_query_chars",
             "max_document_chars",
-            "tokenizer_threads",
             "max_message_bytes",
             "max_concurrent_rpcs",
             "max_concurrent_streams",
@@ -196,6 +198,8 @@ class Settings:
                 f"max_windows_per_request ({self.max_windows_per_request}) must hold one window per document "
                 f"of a full request ({self.max_documents_per_request} documents)"
             )
+        if self.tokenizer_processes < 0:
+            yield f"tokenizer_processes must be 0 (one per two cores) or more, got {self.tokenizer_processes}"
         if self.chunk_overlap_tokens < 0:
             yield f"chunk_overlap_tokens must be >= 0, got {self.chunk_overlap_tokens}"
         if self.score_cache_bytes and self.score_cache_bytes < 1024:
@@ -220,6 +224,12 @@ class Settings:
         if device.startswith("cuda"):
             return max(CUDA_BATCH_TOKENS, self.max_length)
         return CPU_BATCH_TOKENS
+
+    def tokenizers(self) -> int:
+        """How many tokenizer processes: tokenizer_processes, or when that is 0 one
+        per two cores (at least 1, at most 8), leaving the other half to the front
+        end and the workers."""
+        return self.tokenizer_processes or min(8, max(1, (os.cpu_count() or 1) // 2))
 
     @property
     def tls(self) -> bool:

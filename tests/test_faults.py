@@ -327,7 +327,7 @@ def test_tokenizing_stops_for_calls_that_are_gone(tiny_model, closing):
     behind it are answered in time."""
 
     async def scenario():
-        async with running(tiny_model, workers_per_device=1, tokenizer_threads=1) as app:
+        async with running(tiny_model, workers_per_device=1, tokenizer_processes=1) as app:
             channel, reranker = stub(app)
             async with channel:
                 huge = pb.RerankRequest(query="q", documents=[f"{i} " + "lorem ipsum " * 1300 for i in range(1000)])

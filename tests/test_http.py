@@ -275,13 +275,18 @@ def refusal(answer: httpx.Response, status: int, code: str, *fragments: str) -> 
         ({"query": "q", "texts": "a"}, ["texts: "]),
         ({"query": "q", "texts": ["a"], "truncation_direction": "Left"}, ["truncation_direction: "]),
         ([1, 2], ["the body must be a JSON object"]),
+        # JSON can carry a lone surrogate, which no tokenizer reads
+        ({"query": "q", "documents": ["fine", "bad \ud800"]}, ["document 1 is not valid Unicode", "surrogate"]),
+        ({"query": "q \udfff", "documents": ["a"]}, ["query is not valid Unicode"]),
     ],
 )
 def test_invalid_input_is_a_400_naming_the_field_and_the_limit(tiny_model, sent, fragments):
     async def scenario():
         limits = dict(max_documents_per_request=100, max_query_chars=64, max_document_chars=256)
         async with running(tiny_model, http_port=free_port(), **limits) as app, http_client(app) as client:
-            refusal(await client.post("/rerank", json=sent), 400, "INVALID_ARGUMENT", *fragments)
+            # json.dumps escapes what is not ASCII, so that a lone surrogate can be sent at all
+            sent_bytes = json.dumps(sent).encode()
+            refusal(await client.post("/rerank", content=sent_bytes), 400, "INVALID_ARGUMENT", *fragments)
             assert outcomes(app)["scored"] == 0 and settled(app)
 
     run(scenario)

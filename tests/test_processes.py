@@ -89,8 +89,19 @@ def test_a_stopped_worker_is_declared_hung_and_replaced(tiny_model, server_facto
 
 
 def test_sigterm_under_load_drains_and_leaves_no_process(tiny_model, server_factory):
-    server = slow_server(server_factory, tiny_model, 150, "--workers-per-device", "2", "--max-batch-size", "4")
-    workers = server.worker_pids()
+    server = slow_server(
+        server_factory,
+        tiny_model,
+        150,
+        "--workers-per-device",
+        "2",
+        "--max-batch-size",
+        "4",
+        "--tokenizer-processes",
+        "1",
+    )
+    workers = server.worker_pids() + server.tokenizer_pids()
+    assert len(workers) == 2 + 1, workers  # the tokenizer process too
 
     async def scenario():
         async with grpc.aio.insecure_channel(server.address) as channel:
@@ -110,13 +121,13 @@ def test_sigterm_under_load_drains_and_leaves_no_process(tiny_model, server_fact
     assert all(isinstance(r, pb.RerankResponse) and len(r.results) == 8 for r in results), results
     assert isinstance(late, grpc.aio.AioRpcError) and late.code() == grpc.StatusCode.UNAVAILABLE
     assert server.process.wait(60) == 0
-    wait_until(lambda: not any(alive(pid) for pid in workers), "the workers to exit", 10)
+    wait_until(lambda: not any(alive(pid) for pid in workers), "the workers and the tokenizer to exit", 10)
 
 
-def test_workers_die_with_a_killed_server(tiny_model, server_factory):
-    server = server_factory(tiny_model, "--workers-per-device", "2", "--cpu-threads", "1")
-    workers = server.worker_pids()
-    assert len(workers) == 2
+def test_workers_and_tokenizers_die_with_a_killed_server(tiny_model, server_factory):
+    server = server_factory(tiny_model, "--workers-per-device", "2", "--cpu-threads", "1", "--tokenizer-processes", "2")
+    workers, tokenizers = server.worker_pids(), server.tokenizer_pids()
+    assert (len(workers), len(tokenizers)) == (2, 2)
     server.process.kill()
     server.process.wait(10)
-    wait_until(lambda: not any(alive(pid) for pid in workers), "orphaned workers to exit", 10)
+    wait_until(lambda: not any(alive(pid) for pid in workers + tokenizers), "orphaned processes to exit", 10)

@@ -26,8 +26,12 @@ class Checkpoint:
     max_positions: int  # the model's context (config.json max_position_embeddings)
     model_type: str
 
+    @property
+    def tokenizer_file(self) -> pathlib.Path:
+        return self.path / "tokenizer.json"
+
     def load_tokenizer(self) -> Tokenizer:
-        return Tokenizer.from_file(str(self.path / "tokenizer.json"))
+        return Tokenizer.from_file(str(self.tokenizer_file))
 
 
 def resolve_checkpoint(model: str, revision: str | None = None) -> Checkpoint:

@@ -51,7 +51,7 @@ class WorkerSpec:
 
 def run(sock: socket.socket, spec: WorkerSpec, load: Callable[[WorkerSpec], Loaded] | None = None) -> None:
     """The process's entry point: load (see `work`), warm up, say ready, serve until told to stop."""
-    _die_with_parent(spec.parent_pid)
+    die_with_parent(spec.parent_pid)
     # Ctrl-C reaches the whole process group; the front end decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(spec.log_format, spec.log_level)
@@ -158,7 +158,7 @@ def _failed(log, batch: protocol.ScoreBatch, failure: protocol.Failure, exc: Exc
     return protocol.BatchFailed(batch.batch_id, failure, f"{type(exc).__name__}: {exc}")
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
     """Never outlive the front end, even when it is SIGKILLed."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)

@@ -44,6 +44,9 @@ class PromptTooLong(ValueError):
         self.position = position
         self.document_tokens = document_tokens
 
+    def __reduce__(self):  # it crosses from a tokenizer process to the front end
+        return type(self), (str(self), self.needed, self.position, self.document_tokens)
+
 
 class TooManyWindows(ValueError):
     """The document at `position` needs more than `limit` windows."""
@@ -53,6 +56,9 @@ class TooManyWindows(ValueError):
         self.position = position
         self.limit = limit
 
+    def __reduce__(self):
+        return type(self), (self.position, self.limit)
+
 
 class WindowTooSmall(ValueError):
     """One character of the document at `position` takes more tokens than a window holds."""
@@ -61,6 +67,9 @@ class WindowTooSmall(ValueError):
         super().__init__(f"a character of document {position} takes more than the {width} tokens a window holds")
         self.position = position
         self.width = width
+
+    def __reduce__(self):
+        return type(self), (self.position, self.width)
 
 
 @dataclass(frozen=True)

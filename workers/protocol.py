@@ -193,8 +193,7 @@ def decode(frame: bytes) -> Message:
 
 def frame(message: Message) -> bytes:
     """The message's bytes behind their length prefix."""
-    payload = message.encode()
-    return FRAME_HEADER.pack(len(payload)) + payload
+    return framed(message.encode())
 
 
 # The worker side is plain blocking I/O; the front end reads with asyncio streams.
@@ -204,13 +203,23 @@ def send(sock: socket.socket, message: Message) -> None:
     sock.sendall(frame(message))
 
 
+def framed(payload: bytes) -> bytes:
+    """A payload behind its length prefix."""
+    return FRAME_HEADER.pack(len(payload)) + payload
+
+
 def receive(sock: socket.socket) -> Message | None:
     """The next message, or None when the other side has closed the socket."""
+    payload = receive_frame(sock)
+    return None if payload is None else decode(payload)
+
+
+def receive_frame(sock: socket.socket) -> bytes | None:
+    """The next frame's payload, or None when the other side has closed the socket."""
     header = _read_exactly(sock, FRAME_HEADER.size)
     if header is None:
         return None
-    payload = _read_exactly(sock, FRAME_HEADER.unpack(header)[0])
-    return None if payload is None else decode(payload)
+    return _read_exactly(sock, FRAME_HEADER.unpack(header)[0])
 
 
 def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
