@@ -40,6 +40,7 @@ async def running(model, load: Load | None = None, **settings) -> AsyncIterator[
         await app.shutdown(force)
         for double in load.doubles.values() if load else ():
             double.release.set()  # let hung worker threads end
+            double.steps.release(1000)
 
 
 def run(scenario: Callable[[], object]) -> object:

@@ -50,7 +50,8 @@ class Misbehaving:
     """A real scorer that first sleeps `delay_s` per batch; hangs (blocks until
     `release` is set) on the batches whose number is in `hang_on`; or dies on
     the batches whose number is in `die_on`. Batches are numbered from 1 in the
-    order this worker receives them."""
+    order this worker receives them. `stepped`: every batch waits for a
+    `steps.release()`, so that a test decides when each one is answered."""
 
     def __init__(
         self,
@@ -58,13 +59,16 @@ class Misbehaving:
         delay_s: float = 0.0,
         hang_on: frozenset[int] = frozenset(),
         die_on: frozenset[int] = frozenset(),
+        stepped: bool = False,
     ) -> None:
         self._scorer = scorer
         self._delay_s = delay_s
         self._hang_on = hang_on
         self._die_on = die_on
+        self._stepped = stepped
         self.received = 0
         self.release = threading.Event()
+        self.steps = threading.Semaphore(0)
 
     def __getattr__(self, name: str):
         return getattr(self._scorer, name)  # precision, memory_bytes, device, ...
@@ -75,6 +79,8 @@ class Misbehaving:
             raise WorkerDied(f"(test double) died on batch {batch.batch_id}")
         if self.received in self._hang_on:
             self.release.wait(600)
+        if self._stepped:
+            self.steps.acquire(timeout=600)
         if self._delay_s:
             time.sleep(self._delay_s)
         return self._scorer.score(batch)

@@ -45,6 +45,30 @@ def test_cancelling_a_stream_drops_its_queued_work(tiny_model):
     run(scenario)
 
 
+def test_a_stream_sends_each_batch_as_it_completes(tiny_model):
+    """One `scored` event per batch, as the worker answers it (the test lets one
+    batch through at a time), then the ranking."""
+
+    async def scenario():
+        load = Load.misbehaving(0, stepped=True)
+        async with running(tiny_model, load, **SLOW) as app:
+            channel, reranker = stub(app)
+            async with channel:
+                stream = reranker.RerankStream(rerank_request(24, words=3), timeout=60)
+                seen = []
+                for _ in range(3):  # 24 pairs, 8 per batch
+                    load.doubles[0].steps.release()
+                    event = await stream.read()
+                    assert event.WhichOneof("event") == "scored" and len(event.scored.results) == 8
+                    seen += [result.index for result in event.scored.results]
+                final = await stream.read()
+                assert final.WhichOneof("event") == "final" and len(final.final.results) == 24
+                assert sorted(seen) == list(range(24)) and await stream.read() is grpc.aio.EOF
+            assert outcomes(app)["scored"] == 24
+
+    run(scenario)
+
+
 def test_cancel_100_calls_mid_flight(tiny_model):
     async def scenario():
         async with running(tiny_model, Load(delay_s=0.3), **SLOW) as app:

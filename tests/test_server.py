@@ -180,14 +180,17 @@ def test_score_keeps_input_order(stub, recipe):
 
 
 def test_stream_yields_partial_results_then_the_ranking(stub):
+    # Batches that complete together may come in one event, so their number depends on
+    # the machine's load; one event per batch is tests/test_faults.py's, with batches
+    # answered one at a time.
     documents = [f"document number {i} " + "words " * (i % 7) for i in range(150)]
     messages = list(stub.RerankStream(pb.RerankRequest(query=QUERY, documents=documents, top_n=5), timeout=60))
     partial, final = messages[:-1], messages[-1]
-    assert len(partial) >= 3  # 150 rows at most 64 per batch
-    assert all(message.WhichOneof("event") == "scored" for message in partial)
+    assert partial and all(message.WhichOneof("event") == "scored" for message in partial)
     assert final.WhichOneof("event") == "final"
+    streamed = [result.index for message in partial for result in message.scored.results]
+    assert sorted(streamed) == list(range(150))  # each document once
     scored = {result.index: result.logit for message in partial for result in message.scored.results}
-    assert sorted(scored) == list(range(150))
     assert len(final.final.results) == 5
     best = sorted(scored, key=lambda i: -scored[i])[:5]
     assert [result.index for result in final.final.results] == best
