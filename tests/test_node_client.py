@@ -104,7 +104,7 @@ def test_node_client_matches_the_python_client(installed, server_factory, tiny_m
     # RerankStream: partial batches first (each document once), then one final ranking.
     stream = node["stream"]
     assert stream["events"][-1] == "final" and set(stream["events"][:-1]) == {"scored"}
-    assert len(stream["partials"]) >= 3  # 12 documents, at most 4 per batch
+    assert stream["partials"]  # how many depends on the load: batches that complete together share an event
     streamed = [index for partial in stream["partials"] for index in partial]
     assert sorted(streamed) == list(range(len(DOCS)))
     for result in stream["scored"]:

@@ -11,7 +11,6 @@ its own environment and from a fresh one that has only this package.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 
 import grpc
@@ -85,13 +84,6 @@ def assert_same_ranking(results, reference, tolerance: float = 1e-5) -> None:
     assert all(logit <= min(got) + tolerance for logit in left_out)
 
 
-def events_at_least(final: Ranking, info: ModelInfo) -> int:
-    """Scored events a stream sends at least: one per batch (at most max_batch_size
-    documents), and one for what the server's score cache answered."""
-    cached = final.usage.cached_documents
-    return math.ceil((final.usage.documents - cached) / info.limits.max_batch_size) + (1 if cached else 0)
-
-
 # -- the sync client ---------------------------------------------------------------------------
 
 
@@ -114,12 +106,12 @@ def test_rerank(client, ranking):
     assert [result.document for result in top.results] == [DOCS[result.index] for result in top.results]
 
 
-def test_rerank_stream(client, ranking, info):
+def test_rerank_stream(client, ranking):
     events = list(client.rerank_stream(QUERY, DOCS))
     partial, final = events[:-1], events[-1]
     assert all(isinstance(event, Scored) for event in partial)
     assert isinstance(final, Ranking)
-    assert len(partial) >= events_at_least(final, info)
+    assert partial  # how many: batches that complete together share one event, so it depends on the load
     streamed = [result.index for event in partial for result in event.results]
     assert sorted(streamed) == list(range(len(DOCS)))
     expected = logits_by_index(ranking.results)
@@ -233,7 +225,8 @@ def test_async_client(ranking, info):
     assert isinstance(rerank, Ranking)
     assert_same_ranking(rerank.results, ranking.results)
     assert isinstance(stream[-1], Ranking) and all(isinstance(event, Scored) for event in stream[:-1])
-    assert len(stream) - 1 >= events_at_least(stream[-1], info)
+    assert len(stream) >= 2  # at least one scored event before the ranking
+    assert sorted(r.index for event in stream[:-1] for r in event.results) == list(range(len(DOCS)))
     assert_same_ranking(stream[-1].results, ranking.results)
     answers = {answer.request_id: answer for answer in many}
     assert_same_ranking(answers["a"].results, ranking.results)
