@@ -6,10 +6,10 @@ With several --config values it starts one server per configuration and runs
 the same load against each, side by side, and prints their ratios.
 
 Every request is new (its query carries a serial number), so that the score
-cache answers nothing, unless --repeat-fraction asks for repeats: that share of
-the requests is a request already sent, chosen at random (the same question
-asked again: pagination, retries, several users), so that share of the pairs
-repeats.
+cache answers nothing, unless --repeat-fraction asks for repeats: exactly that
+share of the requests, spread evenly over the run, is a request already sent,
+chosen at random (the same question asked again: pagination, retries, several
+users), so that share of the pairs repeats.
 
     # soak an existing server for 10 minutes
     python -m bench.load --target localhost:50051 --duration 600
@@ -75,8 +75,9 @@ async def run_load(
     choose = random.Random(2)
 
     def next_request(number: int) -> tuple[str, list[str]]:
-        """A request already sent (with probability `repeat_fraction`), else a new one."""
-        if sent and choose.random() < repeat_fraction:
+        """Request `number`: a repeat of one already sent (chosen at random) for exactly
+        `repeat_fraction` of the numbers, spread evenly; else a new one."""
+        if sent and int((number + 1) * repeat_fraction) > int(number * repeat_fraction):
             return choose.choice(sent)
         query, docs = workload[number % len(workload)]
         request = (f"{query} #{number}", docs)
