@@ -17,6 +17,12 @@ from collections.abc import Callable
 from workers import process
 from workers.process import Loaded, WorkerSpec
 
+# transformers is not thread-safe while it loads a model: it swaps torch's weight
+# initialisation and default device process-wide for the duration, so two workers
+# loading at once in one process got uninitialised weights (scores of 1e-43 and
+# -2e23; tests/test_batcher.py caught it). Thread workers load one at a time.
+_LOADING = threading.Lock()
+
 
 class ThreadLauncher:
     """Starts each worker as a thread that runs `workers.process.work` with `load`
@@ -42,8 +48,12 @@ class _ThreadHandle:
         )
 
     def run(self, theirs: socket.socket, spec: WorkerSpec, load: Callable[[WorkerSpec], Loaded] | None) -> None:
+        def one_at_a_time(spec: WorkerSpec) -> Loaded:
+            with _LOADING:
+                return (load or process.load_checkpoint)(spec)
+
         try:
-            self.outcome = f"stopped: {process.work(theirs, spec, load)}"
+            self.outcome = f"stopped: {process.work(theirs, spec, one_at_a_time)}"
         except BaseException as exc:  # the thread's "process" died: say how, as an exit code would
             self.outcome = f"died: {type(exc).__name__}: {exc}"
         finally:

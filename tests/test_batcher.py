@@ -1,17 +1,34 @@
-"""Batch planning: token budget, row limit, length grouping, oldest-first, priorities."""
+"""Batch planning (token budget, row limit, length grouping, oldest-first,
+priorities), then the Batcher itself with a real WorkerPool of thread workers
+(tests.doubles), no transport: retries after a death, deadlines in the queue,
+cancellation, out-of-memory splitting, each with its counts."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
+import functools
 import itertools
+import os
 from array import array
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer
 
-from service.batcher import PendingQueue
+from service.batcher import Batcher, PendingQueue
+from service.errors import DeadlineExceeded, ServiceError, Unavailable
+from service.inprocess import ThreadLauncher
+from service.metrics import Metrics
+from service.pool import WorkerPool
 from service.work import BATCH, INTERACTIVE, Job, QueuedPair
-from workers.prompt import EncodedPair
+from tests.apps import run, until
+from tests.doubles import Load
+from tests.reference import Recipe
+from workers.process import WorkerSpec
+from workers.prompt import EncodedPair, PromptEncoder
 
 _seq = itertools.count()
 
@@ -172,3 +189,137 @@ def test_the_anchors_job_mates_come_first():
     queue_of([101, 102, 103, 104], queue=queue)
     batch, _ = queue.plan(max_tokens=800, max_rows=4, min_efficiency=0.5)
     assert sorted(item.length for item in batch) == [100, 101, 102, 103]
+
+
+# -- the Batcher with a real pool of thread workers --------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def scheduler(model, load: Load, workers: int = 1, **batcher):
+    """A started Batcher over a WorkerPool of `workers` thread workers (the tiny model) behind `load`."""
+    spec = WorkerSpec(0, str(model), "cpu", "fp32", "sdpa", 512, 2048, 1, "json", "warning", os.getpid())
+    metrics = Metrics()
+    pool = WorkerPool(
+        [dataclasses.replace(spec, worker_id=i) for i in range(workers)],
+        metrics,
+        batches_in_flight=2,
+        batch_timeout_s=0.0,
+        launcher=ThreadLauncher(load),
+    )
+    settings = dict(max_batch_size=4, min_padding_efficiency=0.0, max_wait_ms=1.0, max_queue_pairs=1000,
+                    max_queue_tokens=1 << 20) | batcher  # fmt: skip
+    batches = Batcher(pool, metrics, **settings)
+    await pool.start(batches)
+    batches.start()
+    try:
+        await pool.wait_ready()
+        yield batches, metrics
+    finally:
+        for double in load.doubles.values():
+            double.release.set()
+            double.steps.release(1000)
+        await batches.close(Unavailable("the test is over"))
+        await pool.stop()
+
+
+@functools.lru_cache(maxsize=2)
+def encoder_of(model) -> PromptEncoder:
+    return PromptEncoder(Tokenizer.from_file(str(model / "tokenizer.json")), 512)
+
+
+def documents(count: int, tag: str) -> list[str]:
+    return [f"document {i} of {tag}" for i in range(count)]
+
+
+def job_of(model, count: int, tag: str) -> Job:
+    return Job(encoder_of(model).encode([(tag, document) for document in documents(count, tag)]))
+
+
+@functools.lru_cache(maxsize=2)
+def recipe_of(model) -> Recipe:
+    return Recipe(model, max_length=512)
+
+
+def assert_recipe_scores(model, job: Job, tag: str) -> None:
+    """The job's logits are the model card's, each pair's in its place."""
+    expected = [logit for _, logit in recipe_of(model).scores(None, tag, documents(len(job.pairs), tag))]
+    assert job.logits == pytest.approx(expected, abs=1e-4)
+
+
+async def finished(job: Job, timeout: float = 60.0) -> ServiceError | None:
+    """How `job` ended: None when scored, else its error."""
+    over = asyncio.Event()
+    job.watch(over.set)
+    async with asyncio.timeout(timeout):
+        await over.wait()
+    return job.failure()
+
+
+def outcomes(metrics: Metrics) -> dict[str, float]:
+    names = ("scored", "discarded", "cancelled", "expired", "failed")
+    return {name: metrics.registry.get_sample_value("reranker_pairs_total", {"outcome": name}) or 0.0 for name in names}
+
+
+def counter(metrics: Metrics, name: str) -> float:
+    return metrics.registry.get_sample_value(name) or 0.0
+
+
+def test_a_batch_whose_worker_dies_is_retried_on_the_other(tiny_model):
+    async def scenario():
+        async with scheduler(tiny_model, Load.misbehaving(0, die_on=frozenset({1})), workers=2) as (batches, metrics):
+            job = job_of(tiny_model, 12, "q")
+            async with batches.running(job):
+                assert await finished(job) is None
+            assert job.remaining == 0
+            assert_recipe_scores(tiny_model, job, "q")
+            assert counter(metrics, "reranker_batch_retries_total") >= 1  # each batch the dead worker held
+            assert outcomes(metrics) == {"scored": 12, "discarded": 0, "cancelled": 0, "expired": 0, "failed": 0}
+
+    run(scenario)
+
+
+def test_a_deadline_that_passes_in_the_queue_ends_the_job_there(tiny_model):
+    async def scenario():
+        load = Load.misbehaving(0, stepped=True)
+        async with scheduler(tiny_model, load) as (batches, metrics):
+            first = job_of(tiny_model, 8, "first")  # two batches: the worker's both slots
+            late = job_of(tiny_model, 4, "late")
+            late.deadline = asyncio.get_running_loop().time() + 0.3
+            async with batches.running(first), batches.running(late):
+                error = await finished(late)  # its pairs never left the queue
+                assert isinstance(error, DeadlineExceeded)
+                load.doubles[0].steps.release(2)
+                assert await finished(first) is None
+            assert_recipe_scores(tiny_model, first, "first")
+            assert outcomes(metrics) == {"scored": 8, "discarded": 0, "cancelled": 0, "expired": 4, "failed": 0}
+
+    run(scenario)
+
+
+def test_leaving_the_block_drops_the_queued_pairs_and_discards_the_rest(tiny_model):
+    async def scenario():
+        load = Load.misbehaving(0, stepped=True)
+        async with scheduler(tiny_model, load) as (batches, metrics):
+            job = job_of(tiny_model, 20, "q")  # 5 batches of 4: 2 on the worker, 3 queued
+            async with batches.running(job):
+                await until(lambda: load.doubles[0].received == 1, "the first batch to reach the worker")
+            assert batches.queued_pairs == 0 and outcomes(metrics)["cancelled"] == 12
+            load.doubles[0].steps.release(2)
+            await until(lambda: outcomes(metrics)["discarded"] == 8, "the two batches on the worker to come back")
+            assert outcomes(metrics) == {"scored": 0, "discarded": 8, "cancelled": 12, "expired": 0, "failed": 0}
+
+    run(scenario)
+
+
+def test_out_of_memory_splits_the_batch_and_lowers_the_budget(tiny_model):
+    async def scenario():
+        async with scheduler(tiny_model, Load(oom_above=120)) as (batches, metrics):
+            job = job_of(tiny_model, 4, "q")
+            async with batches.running(job):
+                assert await finished(job) is None
+            assert_recipe_scores(tiny_model, job, "q")
+            budget = metrics.registry.get_sample_value("reranker_worker_token_budget", {"worker": "0"})
+            assert budget is not None and budget <= 120
+            assert outcomes(metrics)["scored"] == 4
+
+    run(scenario)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 from concurrent import futures
@@ -355,3 +356,34 @@ def test_json_output_has_every_field_and_numbers_as_numbers(server, client, tmp_
     answer = json.loads(line)
     assert sorted(result["index"] for result in answer["results"]) == [0, 1]
     assert isinstance(answer["usage"]["tokens"], int) and answer["usage"]["truncatedDocuments"] == 0
+
+
+def test_make_demo_prints_a_first_call_that_works_once_the_server_answers(tiny_model):
+    """scripts/demo.py (what `make demo` runs): it prints the call only once the server
+    is SERVING, and the call, pasted into a shell at the repository's root, answers."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    port = free_port()
+    demo = subprocess.Popen(
+        [sys.executable, "scripts/demo.py", "--model", str(tiny_model), "--port", str(port), "--host", "127.0.0.1",
+         "--http-port", "0", "--metrics-port", "0", "--device", "cpu", "--log-format", "json"],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        printed = []
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            printed.append(line)
+            if "The demo server is ready" in line:
+                break
+        assert any('"event": "ready"' in line for line in printed), "the call was printed before the server was ready"
+        rest = [next(demo.stdout) for _ in range(4)]
+        call = "".join(rest[1:3]).strip()  # the two lines after "In another terminal, try:"
+        assert call.startswith(".venv/bin/reranker rerank --target localhost:") and call.endswith('Germany."')
+        if not (root / ".venv").exists():  # a test environment elsewhere: its own console script
+            call = call.replace(".venv/bin/reranker", RERANKER, 1)
+        answered = subprocess.run(["bash", "-c", call], cwd=root, capture_output=True, text=True, timeout=60)
+        assert answered.returncode == 0, answered.stderr
+        assert "Paris is the capital of France." in answered.stdout
+    finally:
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(60) == 0

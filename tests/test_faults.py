@@ -345,6 +345,26 @@ def test_grace_expiry_ends_every_call_and_records_what_was_sent(tiny_model):
     run(scenario)
 
 
+def test_a_huge_request_does_not_hold_up_small_ones(tiny_model):
+    """A 15 MB request whose caller waits is tokenized a chunk at a time, so small
+    calls behind it are answered while it is still being tokenized."""
+
+    async def scenario():
+        async with running(tiny_model, workers_per_device=1, tokenizer_processes=1) as app:
+            channel, reranker = stub(app)
+            async with channel:
+                huge = pb.RerankRequest(query="q", documents=[f"{i} " + "lorem ipsum " * 1300 for i in range(1000)])
+                big = asyncio.ensure_future(outcome(reranker.Rerank(huge, timeout=300)))
+                await until(lambda: _calls_in_progress(app) == 1, "the huge call to arrive")
+                for i in range(3):
+                    small = await reranker.Rerank(rerank_request(2, f"small {i}"), timeout=10)
+                    assert len(small.results) == 2
+                assert not big.done(), "the huge call was over before the small ones: nothing was tested"
+                await big  # whatever it ends with (its 4M tokens are more than the queue holds)
+
+    run(scenario)
+
+
 @pytest.mark.parametrize("closing", ["client goes away", "deadline"])
 def test_tokenizing_stops_for_calls_that_are_gone(tiny_model, closing):
     """A huge request whose caller gave up stops being tokenized: small calls
