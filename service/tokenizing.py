@@ -198,17 +198,29 @@ class TokenizerPool:
         if self._changed is not None:
             self._changed.set()
 
-    async def stop(self) -> None:
-        """Stop the processes; chunks still waiting end UNAVAILABLE (as their calls already have)."""
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop the processes and wait until they have ended (killed after `timeout`);
+        chunks still waiting end UNAVAILABLE (as their calls already have)."""
         self._stopping = True
         self._wake()
         for process in self._processes:
             if process.writer is not None:
                 process.writer.close()  # the process sees the end of its socket and exits
+        await asyncio.gather(*(_reap(process, timeout) for process in self._processes))
         tasks = [process.task for process in self._processes if process.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _reap(process: _Process, timeout: float) -> None:
+    child = process.process
+    if child is None:
+        return
+    await asyncio.to_thread(child.join, timeout)
+    if child.exitcode is None:
+        child.kill()
+        await asyncio.to_thread(child.join)
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> bytes:
