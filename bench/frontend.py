@@ -19,9 +19,14 @@ tokenizing, protobuf, gRPC, the interceptors, metrics and logs, the core, the
 batcher, the pool and its socket, the event loop. That pass is slowed by the
 sampling; its shares are applied to the first pass's CPU per pair.
 
+With `--floor`, the same calls then go to `python -m bench.bare_grpc`, a
+grpc.aio server that answers at once, and each shape's front-end CPU per call
+is printed against that floor.
+
     python -m bench.frontend                     # both shapes, 10 s each
+    python -m bench.frontend --floor --repeat 3  # and the bare grpc.aio floor, three rounds
     python -m bench.frontend --profile --seconds 15
-    python -m bench.frontend --server-args "--tokenizer-threads 4"
+    python -m bench.frontend --server-args "--tokenizer-processes 2"
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import os
 import pathlib
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -264,12 +270,29 @@ def print_table(report: dict) -> None:
     )
     columns = ("clients", "pairs/s", "p50 ms", "p99 ms", "FE µs/pair", "pairs/FE-s", "tok µs/pair", "wrk µs/pair",
                "svc µs/pair", "client µs")  # fmt: skip
-    print(f"{'':12}" + "".join(f"{c:>12}" for c in columns))
+    print(f"{'':28}" + "".join(f"{c:>12}" for c in columns))
     for r in report["shapes"]:
         cells = (r["clients"], r["pairs_per_s"], r["p50_ms"], r["p99_ms"], r["front_end_cpu_us_per_pair"],
                  r["pairs_per_front_end_cpu_s"], r["tokenizers_cpu_us_per_pair"], r["workers_cpu_us_per_pair"],
                  r["service_cpu_us_per_pair"], r["client_cpu_us_per_pair"])  # fmt: skip
-        print(f"{r['shape']:12}" + "".join(f"{c:>12}" for c in cells))
+        name = f"{r['shape']} {r['server']} #{r['round']}"
+        print(f"{name:28}" + "".join(f"{c:>12}" for c in cells))
+    for shape in dict.fromkeys(r["shape"] for r in report["shapes"]):
+        ours = [
+            r["front_end_cpu_us_per_pair"]
+            for r in report["shapes"]
+            if (r["shape"], r["server"]) == (shape, "front end")
+        ]
+        floor = [
+            r["front_end_cpu_us_per_pair"]
+            for r in report["shapes"]
+            if (r["shape"], r["server"]) == (shape, "bare grpc.aio")
+        ]
+        if ours and floor:
+            print(
+                f"{shape}: the front end's CPU per pair is {statistics.median(ours) / statistics.median(floor):.1f}x "
+                f"bare grpc.aio's (medians over {len(ours)} rounds)"
+            )
     for r in report["shapes"]:
         if "profile" in r:
             per_pair = r["front_end_cpu_us_per_pair"]
@@ -288,6 +311,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warm-up", type=float, default=2.0)
     parser.add_argument("--shapes", nargs="+", default=[s.name for s in SHAPES], choices=[s.name for s in SHAPES])
     parser.add_argument("--profile", action="store_true", help="then a py-spy pass per shape")
+    parser.add_argument("--floor", action="store_true", help="also measure a bare grpc.aio server (bench.bare_grpc)")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of every measurement (the table shows each)")
     parser.add_argument("--native", action="store_true", help="py-spy with native frames (gRPC's C core, Rust)")
     parser.add_argument(
         "--server-args",
@@ -319,20 +344,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "cpu_count": os.cpu_count(),
             "shapes": [],
         }
-        server = start_server(model, *shlex.split(args.server_args), entry=("bench.null_server",))
-        try:
-            for shape in (s for s in SHAPES if s.name in args.shapes):
-                print(f"  {shape.name} ...", file=sys.stderr, flush=True)
-                result = measure(server, shape, documents, args.seconds, args.warm_up)
-                if args.profile:
-                    print(f"  {shape.name}, py-spy ...", file=sys.stderr, flush=True)
-                    result["profile"] = profile_front_end(
-                        server, shape, documents, args.seconds, pathlib.Path(scratch), args.native
-                    )
-                report["shapes"].append(result)
-        finally:
-            code = server.stop()
-        report["server_exit_code"] = code
+        shapes = [s for s in SHAPES if s.name in args.shapes]
+        servers = [("front end", ("bench.null_server",))] + ([("bare grpc.aio", ("bench.bare_grpc",))] * args.floor)
+        for round_number in range(1, args.repeat + 1):
+            for label, entry in servers:
+                server = start_server(model, *shlex.split(args.server_args), entry=entry)
+                try:
+                    for shape in shapes:
+                        print(f"  round {round_number}, {label}, {shape.name} ...", file=sys.stderr, flush=True)
+                        result = measure(server, shape, documents, args.seconds, args.warm_up)
+                        result |= {"server": label, "round": round_number}
+                        if args.profile and label == "front end":
+                            print(f"  {shape.name}, py-spy ...", file=sys.stderr, flush=True)
+                            result["profile"] = profile_front_end(
+                                server, shape, documents, args.seconds, pathlib.Path(scratch), args.native
+                            )
+                        report["shapes"].append(result)
+                finally:
+                    code = server.stop()
+                if label == "front end":
+                    report["server_exit_code"] = code
     out.write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)
     print(f"\nwrote {out}")
