@@ -237,6 +237,10 @@ def serve(sock: socket.socket, tokenizer_file: str, max_length: int, parent_pid:
 
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end decides when it stops
+    # One thread each: the processes are the parallelism, so that tokenizer_processes
+    # is the cores they take (the library's own thread pool would take every core, in
+    # every process, and still run a one-pair call on one).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if sys.platform.startswith("linux"):
         import ctypes
 
