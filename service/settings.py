@@ -227,9 +227,11 @@ class Settings:
 
     def tokenizers(self) -> int:
         """How many tokenizer processes: tokenizer_processes, or when that is 0 one
-        per two cores (at least 1, at most 8), leaving the other half to the front
-        end and the workers."""
-        return self.tokenizer_processes or min(8, max(1, (os.cpu_count() or 1) // 2))
+        per two of the cores this process may run on (at least 1, at most 8),
+        leaving the other half to the front end and the workers. A container's CPU
+        quota is not counted: set it there (deploy/kubernetes/configmap.yaml does)."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return self.tokenizer_processes or min(8, max(1, cores // 2))
 
     @property
     def tls(self) -> bool:

@@ -40,6 +40,9 @@ log = structlog.get_logger("tokenizers")
 # How long a chunk waits for a tokenizer process when none is running (all restarting).
 _WAIT_FOR_A_PROCESS_S = 10.0
 _READY_TIMEOUT_S = 120.0
+# A process that keeps dying young is started again after 0.5, 1, 2, ... at most 30 s
+# (the count resets once one has lived a minute), not in a tight loop.
+_FIRST_DELAY_S, _MAX_DELAY_S, _LIVED_S = 0.5, 30.0, 60.0
 
 
 class TokenizerStartError(RuntimeError):
@@ -82,19 +85,27 @@ class TokenizerPool:
         first = [asyncio.get_running_loop().create_future() for _ in self._processes]
         for process, started in zip(self._processes, first, strict=True):
             process.task = asyncio.create_task(self._supervise(process, started), name=f"tokenizer-{process.number}")
-        await asyncio.gather(*first)
+        outcomes = await asyncio.gather(*first, return_exceptions=True)
+        failed = next((outcome for outcome in outcomes if isinstance(outcome, BaseException)), None)
+        if failed is not None:
+            raise failed
 
     async def _supervise(self, process: _Process, started: asyncio.Future[None]) -> None:
         """Run the process; start it again whenever it dies, until the pool stops."""
+        loop = asyncio.get_running_loop()
+        delay = 0.0
         while not self._stopping:
+            born = loop.time()
             why = await self._run_once(process, started)
             if self._stopping:
                 return
             if not started.done():
                 started.set_exception(TokenizerStartError(f"tokenizer process {process.number} {why}"))
                 return
-            log.error("tokenizer_process_died", number=process.number, reason=why)
+            delay = 0.0 if loop.time() - born >= _LIVED_S else min(_MAX_DELAY_S, max(_FIRST_DELAY_S, 2 * delay))
+            log.error("tokenizer_process_died", number=process.number, reason=why, restart_in_seconds=delay)
             self._metrics.tokenizer_restarts.inc()
+            await asyncio.sleep(delay)
 
     async def _run_once(self, process: _Process, started: asyncio.Future[None]) -> str:
         ours, theirs = socket.socketpair()

@@ -61,8 +61,8 @@ def _utf8(text: str, position: int | None, field: str) -> bytes:
         raise NotText(position, field) from None
 
 
-def _text(data: bytes | memoryview) -> str:
-    return bytes(data).decode("utf-8")
+def _text(data: memoryview) -> str:
+    return str(data, "utf-8")
 
 
 @dataclass(frozen=True)
