@@ -151,18 +151,27 @@ def test_chunking_scores_a_long_document_whole(stub, tiny_model):
     assert response.usage.tokens == sum(r.tokens for r in response.results)
 
 
+def rpc_lines(server, prefix: str, count: int) -> dict[str, dict] | None:
+    """The `rpc` log lines of the calls whose request id starts with `prefix`, by id, once there are `count`."""
+    lines = {line["request_id"]: line for line in server.events("rpc") if line.get("request_id", "").startswith(prefix)}
+    return lines if len(lines) == count else None
+
+
 def test_repeats_are_answered_from_the_cache(server, stub):
     documents = [f"cache check {i}" for i in range(5)]
-    request = pb.RerankRequest(query=QUERY, documents=documents)
-    first = stub.Rerank(request, timeout=60)
+    first = stub.Rerank(pb.RerankRequest(query=QUERY, documents=documents, request_id="cache-1"), timeout=60)
     admitted, hits = server.metric("reranker_pairs_admitted_total"), server.metric("reranker_score_cache_hits_total")
-    again = stub.Rerank(request, timeout=60)
+    again = stub.Rerank(pb.RerankRequest(query=QUERY, documents=documents, request_id="cache-2"), timeout=60)
     assert server.metric("reranker_pairs_admitted_total") == admitted  # nothing reached the queue
     assert server.metric("reranker_score_cache_hits_total") == hits + 5
     assert server.metric("reranker_score_cache_entries") >= 5
     assert server.metric("reranker_score_cache_bytes") == 512 * server.metric("reranker_score_cache_entries")
     assert (first.usage.cached_documents, again.usage.cached_documents) == (0, 5)
     assert [(r.index, r.logit) for r in again.results] == [(r.index, r.logit) for r in first.results]
+    # the call's log line says so too (written as the call ends, so perhaps just after the answer)
+    logged = wait_until(lambda: rpc_lines(server, "cache-", 2), "both calls' log lines", 10)
+    assert (logged["cache-1"]["cached"], logged["cache-2"]["cached"]) == (0, 5)
+    assert (logged["cache-1"]["windows"], logged["cache-2"]["windows"]) == (5, 0)
 
 
 def test_score_keeps_input_order(stub, recipe):
