@@ -4,9 +4,9 @@ One path for every call: check it against the limits (counts before
 contents, so that an oversized request is refused before its parts become
 Python objects) -> keep each distinct (query, document) pair once -> look
 each up in the score cache (service.cache): a hit is answered at once, a pair
-another call is computing is waited for -> tokenize the rest in chunks off the
-event loop (a huge request never holds the tokenizer threads for long, and
-stops when its caller is gone), each document into one window, or several
+another call is computing is waited for -> tokenize the rest in chunks in the
+tokenizer processes (a huge request never holds them for long, and stops when
+its caller is gone), each document into one window, or several
 when chunking -> one Job in the batcher -> each document's result as soon as
 all its windows are scored (the best window's logit and span) -> answers.
 Errors are service.errors exceptions; each transport maps them to its

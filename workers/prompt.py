@@ -110,8 +110,8 @@ class Chunking:
 class PromptEncoder:
     """Turns triples into token ids with the checkpoint's own tokenizer.
 
-    Thread-safe: `encode` only reads the tokenizer, so the front end calls it
-    from a thread pool.
+    Each tokenizer process (workers.tokenizer) holds one; it only reads the
+    tokenizer, so it is also safe to share between threads.
     """
 
     def __init__(self, tokenizer: Tokenizer, max_length: int = DEFAULT_MAX_LENGTH) -> None:
