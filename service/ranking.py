@@ -22,7 +22,7 @@ import functools
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 
@@ -206,6 +206,12 @@ def _best(windows: list[Window], logits: list[float]) -> DocumentScore:
     )
 
 
+def check_request_id(request_id: str) -> None:
+    """Request ids reach log lines and stream bookkeeping: bounded before either."""
+    if len(request_id) > MAX_ID_CHARS:
+        raise InvalidArgument(f"request_id has {len(request_id)} characters, more than {MAX_ID_CHARS}")
+
+
 class Ranker:
     """Scores calls through one batcher; shared by every transport."""
 
@@ -279,8 +285,7 @@ class Ranker:
     @staticmethod
     def _identify(options: CallOptions) -> None:
         """The request id goes on every log line of the call, so it is checked first."""
-        if len(options.request_id) > MAX_ID_CHARS:
-            raise InvalidArgument(f"request_id has {len(options.request_id)} characters, more than {MAX_ID_CHARS}")
+        check_request_id(options.request_id)
         structlog.contextvars.bind_contextvars(request_id=options.request_id)
 
     def _check_count(self, count: int) -> None:
@@ -291,7 +296,8 @@ class Ranker:
         if count > limit:
             raise InvalidArgument(f"{count} documents is more than max_documents_per_request={limit}")
 
-    def _check(self, options: CallOptions, pairs: list[tuple[str, str]]) -> None:
+    def _check(self, options: CallOptions, pairs: list[tuple[str, str]]) -> CallOptions:
+        """Refuse what breaks a rule or a limit; return the options as the call runs them."""
         limits = self._limits
         if options.priority not in (INTERACTIVE, BATCH):
             raise InvalidArgument(f"unknown priority {options.priority}")
@@ -314,6 +320,10 @@ class Ranker:
                     f"document {position} has {len(document)} characters, "
                     f"more than max_document_chars={limits.max_document_chars}"
                 )
+        if options.max_tokens_per_doc is not None and options.max_tokens_per_doc >= self._max_length:
+            # max_length allows fewer document tokens than that anyway (Cohere's clients send 4,096)
+            return replace(options, max_tokens_per_doc=None)
+        return options
 
     @contextlib.asynccontextmanager
     async def _running(
@@ -324,7 +334,7 @@ class Ranker:
         still queued, and hands the pairs it had claimed but not scored to the
         calls waiting for them."""
         work = _Work(time.perf_counter(), len(pairs))
-        self._check(options, pairs)
+        options = self._check(options, pairs)
         self._batcher.check_open()
         structlog.contextvars.bind_contextvars(documents=len(pairs))
         loop = asyncio.get_running_loop()

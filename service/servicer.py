@@ -21,7 +21,7 @@ from reranker.v1 import reranker_pb2_grpc
 from service.calls import Answer, CallOptions, ModelInfo, RerankCall, ScoreCall, Scored, Timing, Truncation
 from service.errors import DeadlineExceeded, InvalidArgument, ServiceError
 from service.interceptors import status_of
-from service.ranking import MAX_ID_CHARS, Ranker
+from service.ranking import Ranker, check_request_id
 from service.work import BATCH, INTERACTIVE
 
 log = structlog.get_logger("rpc")
@@ -86,9 +86,10 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    if len(request.request_id) > MAX_ID_CHARS:
-                        message = f"request_id has {len(request.request_id)} characters, more than {MAX_ID_CHARS}"
-                        answers.put_nowait(_failed(pb.RerankRequest(), grpc.StatusCode.INVALID_ARGUMENT, message))
+                    try:
+                        check_request_id(request.request_id)
+                    except InvalidArgument as exc:
+                        answers.put_nowait(_failed(pb.RerankRequest(), status_of(exc), exc.message))
                         continue
                     if request.cancel:
                         task = running.get(request.request_id)
@@ -190,7 +191,7 @@ def _options(request, time_remaining: float | None, has_timeout: bool) -> CallOp
 
 
 def _seconds(duration: Duration) -> float:
-    """A request's timeout in seconds: positive, and a valid Duration."""
+    """A request's timeout in seconds, from a valid Duration (the core requires it positive)."""
     seconds, nanos = duration.seconds, duration.nanos
     valid = (
         abs(seconds) <= _MAX_DURATION_SECONDS
@@ -202,10 +203,7 @@ def _seconds(duration: Duration) -> float:
             f"timeout is not a valid Duration (seconds {seconds}, nanos {nanos}): "
             f"|seconds| <= {_MAX_DURATION_SECONDS}, |nanos| < 1e9, both of one sign"
         )
-    total = seconds + nanos / 1e9
-    if total <= 0:
-        raise InvalidArgument(f"timeout must be positive, got {total:g} s")
-    return total
+    return seconds + nanos / 1e9
 
 
 def _scored(result: Scored) -> pb.ScoredDocument:

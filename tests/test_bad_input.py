@@ -52,8 +52,8 @@ def with_timeout(seconds: int, nanos: int = 0, **fields) -> pb.RerankRequest:
         (-(2**63), 0, "not a valid Duration"),
         (1, -5, "not a valid Duration"),
         (0, 10**9, "not a valid Duration"),
-        (0, 0, "timeout must be positive"),
-        (-3, 0, "timeout must be positive"),
+        (0, 0, "timeout must be a positive number of seconds"),
+        (-3, 0, "timeout must be a positive number of seconds"),
     ],
 )
 def test_out_of_range_timeouts(stub, seconds, nanos, message):
@@ -69,6 +69,34 @@ def test_enums_out_of_range(stub):
     assert "priority 99" in error.details()
     error = refused(lambda: stub.Score(pb.ScoreRequest(pairs=[pb.Pair(query="q")], truncation=42), timeout=30))
     assert "truncation 42" in error.details()
+
+
+def test_max_tokens_per_doc_at_every_extreme(server, stub):
+    """A cap at or above max_length is no cap (a 32-bit wire field once made 2**31 an
+    INTERNAL); below 1 is refused; on both transports, with and without the cache."""
+    documents = ["a document of a few words", "another document"]
+    plain = stub.Rerank(pb.RerankRequest(query="extremes", documents=documents), timeout=30)
+    for cap in (2**32 - 1, 2**31, 1 << 20):
+        for truncation in (pb.TRUNCATION_END, pb.TRUNCATION_NONE, pb.TRUNCATION_CHUNK):
+            # a query of its own each time, so that the cache cannot answer
+            request = pb.RerankRequest(
+                query=f"extremes {cap} {truncation}", documents=documents, max_tokens_per_doc=cap, truncation=truncation
+            )
+            answer = stub.Rerank(request, timeout=30)
+            assert len(answer.results) == 2
+            assert not any(result.truncated for result in answer.results)
+    capped = stub.Rerank(pb.RerankRequest(query="extremes", documents=documents, max_tokens_per_doc=2**32 - 1))
+    assert [(r.index, r.logit) for r in capped.results] == [(r.index, r.logit) for r in plain.results]
+    for cap in (10**12, 2**63, 2**31):
+        body = {"query": f"http extremes {cap}", "documents": documents, "max_tokens_per_doc": cap}
+        answer = httpx.post(f"{server.http_url}/v2/rerank", json=body, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert len(answer.json()["results"]) == 2
+    for cap in (0, -1, -(2**70)):
+        body = {"query": "q", "documents": documents, "max_tokens_per_doc": cap}
+        answer = httpx.post(f"{server.http_url}/v2/rerank", json=body, timeout=30)
+        assert answer.status_code == 400, answer.text
+        assert "max_tokens_per_doc" in answer.json()["message"]
 
 
 def test_long_identifiers_are_refused_and_never_logged(server, stub):
