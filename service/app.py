@@ -33,7 +33,7 @@ from service.cache import ScoreCache
 from service.calls import Limits, ModelInfo
 from service.errors import Unavailable
 from service.http import HttpServer, make_app
-from service.interceptors import ObservingInterceptor, TokenAuthInterceptor
+from service.interceptors import CallLimitInterceptor, ObservingInterceptor, TokenAuthInterceptor
 from service.limits import CallLimit
 from service.memory import MemoryReleaser
 from service.metrics import Metrics
@@ -240,9 +240,11 @@ def build(settings: Settings, launcher: Launcher | None = None) -> App:
     stopping = asyncio.Event()
     calls = CallLimit(settings.max_concurrent_rpcs, metrics.calls_in_progress)
     memory = MemoryReleaser()
-    interceptors = [ObservingInterceptor(metrics, calls, stopping, memory, tracing)]
+    # Outermost first: every call is observed; the token is checked before a place is taken.
+    interceptors: list[grpc.aio.ServerInterceptor] = [ObservingInterceptor(metrics, stopping, memory, tracing)]
     if tokens:
         interceptors.append(TokenAuthInterceptor(tokens))
+    interceptors.append(CallLimitInterceptor(calls))
     server = _grpc_server(settings, interceptors)
     reranker_pb2_grpc.add_RerankerServicer_to_server(RerankerServicer(ranker, settings.max_requests_per_stream), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

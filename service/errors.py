@@ -24,7 +24,12 @@ class NotFound(ServiceError):
 
 
 class ResourceExhausted(ServiceError):
-    """Overloaded (queue or concurrent calls full), or the request cannot fit in memory."""
+    """Overloaded (queue or concurrent calls full): worth retrying later."""
+
+
+class TooLarge(ResourceExhausted):
+    """A part of the request cannot fit in a worker's memory: retrying will not help
+    (gRPC: RESOURCE_EXHAUSTED; HTTP: 413, without Retry-After)."""
 
 
 class Unavailable(ServiceError):

@@ -48,7 +48,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import service
 from service.calls import Answer, CallOptions, RerankCall, Scored, Truncation
-from service.errors import InvalidArgument, NotFound, ServiceError
+from service.errors import InvalidArgument, NotFound, ServiceError, TooLarge
 from service.interceptors import status_of
 from service.limits import CallLimit
 from service.memory import MemoryReleaser
@@ -91,7 +91,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (400, "Invalid input: the message names the field and the limit."),
         (401, "Missing or wrong bearer token."),
         (404, "The request names a model this server does not serve."),
-        (413, "The body is larger than max_message_bytes."),
+        (413, "The body is larger than max_message_bytes, or a document does not fit in a worker's memory."),
         (429, "The queue is full, or too many calls are in progress; retry after Retry-After seconds."),
         (503, "No worker is ready, or the server is draining; retry after Retry-After seconds."),
         (504, "The deadline passed."),
@@ -452,8 +452,8 @@ class _Front:
             return message
 
         try:
+            self._check(dict(headers))  # a caller without a token takes no place
             with self._calls.taken():
-                self._check(dict(headers))
                 await self._answer(scope, receive_watched, send, call)
         except (ServiceError, _Refusal) as exc:  # refused before the call began
             await self._refuse(send, call, exc)
@@ -523,7 +523,9 @@ class _Front:
         if isinstance(error, _Refusal):
             await self._error(send, call, error.code, error.message, error.status_code, error.headers)
         else:
-            await self._error(send, call, status_of(error).name, error.message)
+            # a part that cannot fit is not worth retrying later, unlike a full queue (also RESOURCE_EXHAUSTED)
+            status = 413 if isinstance(error, TooLarge) else None
+            await self._error(send, call, status_of(error).name, error.message, status)
 
     async def _error(
         self,

@@ -106,20 +106,18 @@ async def _checked(requests, call: _Call):
 
 
 class ObservingInterceptor(grpc.aio.ServerInterceptor):
-    """Maps service errors to statuses (never leaking internals), bounds the
-    Reranker calls in progress (health checks are not counted, so probes always
-    get an answer), and writes one log line and the request metrics per call."""
+    """The outermost: maps service errors to statuses (never leaking internals)
+    and writes one log line and the request metrics per Reranker call, whoever
+    refused it (the token check and the call limit run inside it)."""
 
     def __init__(
         self,
         metrics: Metrics,
-        limit: CallLimit,
         stopping: asyncio.Event,
         memory: MemoryReleaser,
         tracing: Tracing | None = None,
     ) -> None:
         self._metrics = metrics
-        self._limit = limit
         self._memory = memory
         self._stopping = stopping  # set once shutdown has cut calls short: they end UNAVAILABLE
         self._tracing = tracing
@@ -139,11 +137,10 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                     try:
                         try:
                             request = check(request, call)  # counted first, so a call refused at the limit is too
-                            with self._limit.taken():
-                                responses = behaviour(request, context)
-                                del request  # only the call's own frames hold it (see _Call)
-                                async for response in responses:
-                                    yield response
+                            responses = behaviour(request, context)
+                            del request  # only the call's own frames hold it (see _Call)
+                            async for response in responses:
+                                yield response
                         except (grpc.aio.AbortError, asyncio.CancelledError):
                             raise
                         except Exception as exc:
@@ -162,10 +159,9 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     try:
                         request = check(request, call)  # counted first, so a call refused at the limit is too
-                        with self._limit.taken():
-                            answer = behaviour(request, context)
-                            del request  # only the call's own frames hold it (see _Call)
-                            return await answer
+                        answer = behaviour(request, context)
+                        del request  # only the call's own frames hold it (see _Call)
+                        return await answer
                     except (grpc.aio.AbortError, asyncio.CancelledError):
                         raise
                     except Exception as exc:
@@ -272,5 +268,42 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
                 return refuse_streaming
             return refuse
+
+        return _rewrap(handler, wrap)
+
+
+class CallLimitInterceptor(grpc.aio.ServerInterceptor):
+    """The innermost: bounds the Reranker calls in progress. Inside the token check,
+    so that a caller without a token is told so and takes no place; health checks
+    are not calls, so probes always get an answer."""
+
+    def __init__(self, limit: CallLimit) -> None:
+        self._limit = limit
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(_RERANKER):
+            return handler
+        limit = self._limit
+
+        def wrap(behaviour, streams_out: bool) -> Callable:
+            if streams_out:
+
+                async def streaming(request, context):
+                    with limit.taken():
+                        responses = behaviour(request, context)
+                        del request  # only the call's own frames hold it
+                        async for response in responses:
+                            yield response
+
+                return streaming
+
+            async def unary(request, context):
+                with limit.taken():
+                    answer = behaviour(request, context)
+                    del request
+                    return await answer
+
+            return unary
 
         return _rewrap(handler, wrap)

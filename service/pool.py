@@ -26,7 +26,7 @@ from typing import Protocol
 
 import structlog
 
-from service.errors import Internal, ResourceExhausted, ServiceError, Unavailable
+from service.errors import Internal, ServiceError, TooLarge, Unavailable
 from service.metrics import Metrics
 from service.work import Batch, BatchSink, WorkerSlot
 from workers import process, protocol
@@ -329,7 +329,7 @@ class WorkerPool:
     def _error_for(self, worker: Worker, message: protocol.BatchFailed) -> ServiceError:
         where = f"worker {worker.name} ({worker.spec.device})"
         if message.failure is protocol.Failure.OUT_OF_MEMORY:
-            return ResourceExhausted(
+            return TooLarge(
                 f"a single document does not fit in the memory of {where}; send shorter documents or lower max_length"
             )
         return Internal(f"{where} failed to score a batch ({message.failure.name.lower()}); see the server log")

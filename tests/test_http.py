@@ -531,6 +531,29 @@ def test_http_and_grpc_calls_share_the_batcher_and_the_metrics(tiny_model):
     run(scenario)
 
 
+def test_with_the_cache_off_http_and_grpc_compute_the_same_scores(tiny_model):
+    """The real-server tests above compare HTTP with gRPC through the score cache (the
+    second call reads what the first computed), which checks how each maps the request;
+    here both compute, one call at a time in one batch each, and agree bit for bit."""
+
+    async def scenario():
+        settings = dict(http_port=free_port(), score_cache_bytes=0, workers_per_device=1, max_batch_size=64)
+        async with running(tiny_model, **settings) as app, http_client(app) as client:
+            channel, reranker = stub(app)
+            async with channel:
+                for fields in ({}, {"instruction": "Find the capital", "max_tokens_per_doc": 8}):
+                    by_http = await client.post("/v2/rerank", json={"query": QUERY, "documents": DOCUMENTS, **fields})
+                    by_grpc = await reranker.Rerank(
+                        pb.RerankRequest(query=QUERY, documents=DOCUMENTS, **fields), timeout=60
+                    )
+                    answer = by_http.json()
+                    assert answer["usage"]["cached_documents"] == by_grpc.usage.cached_documents == 0
+                    same_as_grpc([(r["index"], r["relevance_score"], r["logit"]) for r in answer["results"]], by_grpc)
+            assert metric(app, "reranker_pairs_admitted_total") == 4 * len(DOCUMENTS)
+
+    run(scenario)
+
+
 def test_no_http_port_when_it_is_zero(tiny_model):
     async def scenario():
         async with running(tiny_model) as app:
