@@ -78,6 +78,16 @@ class Metrics:
             "Times the tokenizer processes were started afresh after one of them died.",
             registry=r,
         )
+        self.tokenizer_chunks = Counter(
+            "reranker_tokenizer_chunks_total",
+            "Chunks of calls' texts the tokenizer processes answered (at most 64 pairs or 256 KiB each).",
+            registry=r,
+        )
+        self.tokenizer_chunks_waiting = Gauge(
+            "reranker_tokenizer_chunks_waiting",
+            "Chunks sent to the tokenizer processes and not yet answered: above their number, they are the bottleneck.",
+            registry=r,
+        )
         self.worker_token_budget = Gauge(
             "reranker_worker_token_budget",
             "Padded tokens per batch the worker is given (lowered after out-of-memory).",

@@ -74,6 +74,7 @@ class TokenizerPool:
         self._ids = itertools.count(1)
         self._changed: asyncio.Event | None = None
         self._stopping = False
+        metrics.tokenizer_chunks_waiting.set_function(lambda: sum(len(p.waiting) for p in self._processes))
 
     @property
     def pids(self) -> list[int]:
@@ -181,7 +182,9 @@ class TokenizerPool:
         try:
             process.writer.write(frame)
             await process.writer.drain()
-            return await waiter
+            answer = await waiter
+            self._metrics.tokenizer_chunks.inc()
+            return answer
         except ConnectionError:
             raise _Died() from None
         finally:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import httpx
 import pytest
 from tokenizers import Tokenizer
 
+from bench.server import free_port
 from reranker.v1 import reranker_pb2 as pb
 from tests.apps import metric, outcome, run, running, settled, stub, until
 from tests.doubles import Load
@@ -178,22 +180,40 @@ def test_window_limits_are_invalid_argument(tiny_model, documents, message):
     assert (info.limits.max_windows_per_document, info.limits.max_windows_per_request) == (8, 10)
 
 
-def test_cancelling_drops_the_remaining_windows(tiny_model):
+@pytest.mark.parametrize("how", ["Rerank", "RerankStream", "HTTP stream"])
+def test_cancelling_drops_the_remaining_windows(tiny_model, how):
     async def scenario():
         load = Load(delay_s=0.1)
-        async with running(tiny_model, load, workers_per_device=1, max_batch_size=2) as app:
+        async with running(tiny_model, load, workers_per_device=1, max_batch_size=2, http_port=free_port()) as app:
             channel, reranker = stub(app)
-            async with channel:
+            async with channel, httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http.port}", timeout=120) as http:
                 request = pb.RerankRequest(
                     query=QUERY, documents=[LONG], truncation=pb.TRUNCATION_CHUNK, max_tokens_per_doc=CAP
                 )
-                call = asyncio.ensure_future(reranker.Rerank(request, timeout=120))
+                body = {"query": QUERY, "documents": [LONG], "truncation": "chunk", "max_tokens_per_doc": CAP}
+
+                async def http_stream() -> None:
+                    async with http.stream("POST", "/v1/rerank", json={**body, "stream": True}) as answer:
+                        await answer.aread()
+
+                if how == "RerankStream":
+                    stream = reranker.RerankStream(request, timeout=120)
+                    leave = stream.cancel
+                else:
+                    call = asyncio.ensure_future(
+                        reranker.Rerank(request, timeout=120) if how == "Rerank" else http_stream()
+                    )
+                    leave = call.cancel  # for HTTP, the connection is closed
                 await until(lambda: metric(app, "reranker_pairs_total", outcome="scored") >= 2, "a batch scored")
-                call.cancel()
+                leave()
                 await until(lambda: settled(app), "the queue to empty after the cancel")
                 moved = {
                     o: metric(app, "reranker_pairs_total", outcome=o) for o in ("scored", "discarded", "cancelled")
                 }
+                await until(
+                    lambda: metric(app, "reranker_requests_total", code="CANCELLED") == 1,
+                    "the call to be counted CANCELLED",
+                )
                 return moved, metric(app, "reranker_pairs_admitted_total")
 
     moved, admitted = run(scenario)

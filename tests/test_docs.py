@@ -327,3 +327,21 @@ def test_every_relative_link_resolves():
                 elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
                     problems.append(f"{where}: {target} points to no heading or id in {linked.relative_to(ROOT)}")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("index_url", ["", "https://download.pytorch.org/whl/cpu"])
+def test_make_installs_torch_from_the_index_it_is_given(index_url, tmp_path):
+    """The README's advice for a machine without a GPU: `make install TORCH_INDEX_URL=...`
+    takes torch (and only torch) from that index, not PyPI's CUDA build."""
+    venv = tmp_path / "venv"
+    plan = subprocess.run(
+        ["make", "-n", "serving", f"VENV={venv}", f"TORCH_INDEX_URL={index_url}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    torch = [line for line in plan if "torch==" in line]
+    assert len(torch) == 1, plan
+    assert ("--index-url" in torch[0]) == bool(index_url) and index_url in torch[0]
+    assert not any("--index-url" in line for line in plan if line not in torch)

@@ -11,9 +11,12 @@ import asyncio
 import functools
 
 import grpc
+import httpx
 import pytest
+import structlog.testing
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.server import free_port
 from reranker.v1 import reranker_pb2 as pb
 from service import servicer
 from service.errors import DeadlineExceeded
@@ -254,9 +257,9 @@ def test_a_hung_worker_is_killed_and_its_batches_retried(tiny_model):
 
 def test_out_of_memory_splits_and_lowers_the_budget(tiny_model):
     async def scenario():
-        async with running(tiny_model, Load(oom_above=600), workers_per_device=1) as app:
+        async with running(tiny_model, Load(oom_above=600), workers_per_device=1, http_port=free_port()) as app:
             channel, reranker = stub(app)
-            async with channel:
+            async with channel, httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http.port}", timeout=60) as http:
                 documents = [f"document {i} " + "w " * 10 for i in range(20)]
                 response = await reranker.Rerank(pb.RerankRequest(query="q", documents=documents), timeout=60)
                 assert len(response.results) == 20
@@ -266,6 +269,11 @@ def test_out_of_memory_splits_and_lowers_the_budget(tiny_model):
                 )
                 assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 assert "does not fit in the memory" in error.details()
+                # over HTTP: 413, and no Retry-After, since retrying cannot help (a full queue's 429 has one)
+                answer = await http.post("/v2/rerank", json={"query": "q2", "documents": ["word " * 700]})
+                assert answer.status_code == 413, answer.text
+                assert answer.json()["code"] == "RESOURCE_EXHAUSTED" and "does not fit" in answer.json()["message"]
+                assert "retry-after" not in answer.headers
                 health = health_pb2_grpc.HealthStub(channel)
                 status = (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status
                 assert status == health_pb2.HealthCheckResponse.SERVING
@@ -293,6 +301,35 @@ def test_concurrent_call_cap_and_health_still_answers(tiny_model):
                 health = health_pb2_grpc.HealthStub(channel)
                 status = (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status
                 assert status == health_pb2.HealthCheckResponse.SERVING
+                for stream in streams:
+                    stream.cancel()
+
+    run(scenario)
+
+
+def test_at_the_call_limit_a_caller_without_a_token_is_told_so(tiny_model):
+    """The token is checked before a place is taken, on both transports: a caller
+    without one gets UNAUTHENTICATED / 401 (not RESOURCE_EXHAUSTED / 429) and
+    takes no place; a caller with one is refused at the limit."""
+    token = [("authorization", "Bearer right")]
+
+    async def scenario():
+        limits = dict(max_concurrent_rpcs=2, auth_tokens=("right",), http_port=free_port())
+        async with running(tiny_model, Load(), workers_per_device=1, **limits) as app:
+            channel, reranker = stub(app)
+            async with channel, httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http.port}", timeout=30) as http:
+                streams = [reranker.RerankMany(timeout=60, metadata=token) for _ in range(2)]
+                await until(lambda: _calls_in_progress(app) == 2, "the streams to hold every place")
+                error = await outcome(reranker.Rerank(rerank_request(1), timeout=10))
+                assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
+                answer = await http.post("/v2/rerank", json={"query": "q", "documents": ["a"]})
+                assert answer.status_code == 401, answer.text
+                assert _calls_in_progress(app) == 2
+                error = await outcome(reranker.Rerank(rerank_request(1), timeout=10, metadata=token))
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                answer = await http.post("/v2/rerank", json={"query": "q", "documents": ["a"]}, headers=dict(token))
+                assert answer.status_code == 429 and answer.headers["retry-after"] == "1", answer.text
+                assert metric(app, "reranker_requests_total", code="UNAUTHENTICATED") == 2
                 for stream in streams:
                     stream.cancel()
 
@@ -334,13 +371,18 @@ def test_grace_expiry_ends_every_call_and_records_what_was_sent(tiny_model):
                 # all four admitted (a busy machine may still be sending some), work in flight
                 await until(lambda: metric(app, "reranker_pairs_admitted_total") == 40, "all four calls admitted")
                 await until(lambda: metric(app, "reranker_batches_total") > 0, "work in flight")
-                await app.shutdown(asyncio.Event())
-                results = await pending
+                with structlog.testing.capture_logs() as logs:
+                    await app.shutdown(asyncio.Event())
+                    results = await pending
             for result in results:  # 40 pairs need about 6 s; the grace is 0.5 s
                 assert isinstance(result, grpc.aio.AioRpcError)
                 assert result.code() == grpc.StatusCode.UNAVAILABLE
             assert metric(app, "reranker_requests_total", rpc="Rerank", code="UNAVAILABLE") == 4
             assert metric(app, "reranker_requests_total", rpc="Rerank", code="CANCELLED") == 0
+            # each log line says what its client was sent, and why
+            lines = [line for line in logs if line["event"] == "rpc"]
+            assert [line["code"] for line in lines] == ["UNAVAILABLE"] * 4
+            assert sorted(line["reason"] for line in lines) == sorted(result.details() for result in results)
 
     run(scenario)
 
@@ -388,6 +430,11 @@ def test_tokenizing_stops_for_calls_that_are_gone(tiny_model, closing):
                 assert len(small.results) == 2
                 if closing == "deadline":
                     assert (await big).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                await until(lambda: big.done(), "the huge call to end")
+                await until(lambda: metric(app, "reranker_tokenizer_chunks_waiting") == 0, "the tokenizers to idle")
             assert metric(app, "reranker_pairs_admitted_total") == 2  # the huge one never reached the queue
+            # 1,000 documents of 15,600 characters are 62 chunks of 256 KiB; a call that is gone
+            # sends no more (tokenizing it whole would take 5-10 s of this machine's CPU)
+            assert metric(app, "reranker_tokenizer_chunks_total") < 31
 
     run(scenario)

@@ -10,6 +10,7 @@ import dataclasses
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from reranker.v1 import reranker_pb2 as pb
 from service.app import build
@@ -102,11 +103,22 @@ def test_every_worker_dead_fails_what_waits(tiny_model):
         async with running(tiny_model, load, workers_per_device=1, max_batch_size=2) as app:
             channel, reranker = stub(app)
             async with channel:
+                # health, as a load balancer watches it: SERVING, NOT_SERVING while no worker is alive, SERVING
+                watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+                seen = [(await watch.read()).status]
                 error = await outcome(reranker.Rerank(rerank_request(6), timeout=60))
                 # the only worker died: the retry has nowhere to go until it is back
                 assert error.code() == grpc.StatusCode.UNAVAILABLE
                 await until_settled(app)
                 await _until_ready(app, 1)
+                while seen[-1] != health_pb2.HealthCheckResponse.SERVING or len(seen) < 3:
+                    seen.append((await watch.read()).status)
+                watch.cancel()
+                serving, not_serving = (
+                    health_pb2.HealthCheckResponse.SERVING,
+                    health_pb2.HealthCheckResponse.NOT_SERVING,
+                )
+                assert seen == [serving, not_serving, serving]
                 assert len((await reranker.Rerank(rerank_request(2, "after"), timeout=60)).results) == 2
 
     run(scenario)
