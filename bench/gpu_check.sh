@@ -15,7 +15,8 @@
 #   GPU_CHECK_BUDGET=512 bash bench/gpu_check.sh
 #
 # Steps, each with a time limit (a step cut short keeps what it finished in its JSON); the limits
-# add up to about 7.5 minutes with the wheels' install, so the whole check fits in 8 even at worst:
+# add up to 435 s (75 + 2 x 25 + 40 + 50 + 100 + 120), about 7.5 minutes with the wheels' install,
+# so the whole check fits in 8 even at worst:
 #   1. environment;
 #   2. correctness on CUDA (tests/test_gpu.py: every precision, fp8 included, and
 #      every layout, FlexAttention included, against CPU fp32);
@@ -73,18 +74,18 @@ step environment
 step "correctness on CUDA (at most 75 s)"
 limited 75 $PYTHON -m pytest -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | grep -v "MatMul8bitLt\|warnings.warn" | tee "$OUT/test_gpu.txt"
 
-step "random checkpoints: $SHAPES (at most 30 s each)"
+step "random checkpoints: $SHAPES (at most 25 s each)"
 for shape in $SHAPES; do
   [ -f "$CHECKPOINTS/$shape/config.json" ] && continue
   weights=$([ "$DEVICE" = cpu ] && echo float32 || echo bfloat16)
-  limited 30 $PYTHON -c "import sys; from bench.common import save_random_checkpoint as s; s(sys.argv[1], sys.argv[2], sys.argv[3] or None, dtype=sys.argv[4], device=sys.argv[5])" \
+  limited 25 $PYTHON -c "import sys; from bench.common import save_random_checkpoint as s; s(sys.argv[1], sys.argv[2], sys.argv[3] or None, dtype=sys.argv[4], device=sys.argv[5])" \
     "$shape" "$CHECKPOINTS/$shape" "${TOKENIZER[1]:-}" "$weights" "$DEVICE"
 done
 
 for shape in $SHAPES; do
   case $shape in
-    4b) limit=55; requests=${REQUESTS:-8}; layouts=${PROFILE_LAYOUTS:-"padded packed"} ;;
-    *) limit=40; requests=${REQUESTS:-16}; layouts=${PROFILE_LAYOUTS:-"padded packed packed/flex"} ;;
+    4b) limit=50; requests=${REQUESTS:-8}; layouts=${PROFILE_LAYOUTS:-"padded packed cascade"} ;;
+    *) limit=40; requests=${REQUESTS:-16}; layouts=${PROFILE_LAYOUTS:-"padded packed packed/flex cascade"} ;;
   esac
   step "profile, $shape shape, $DTYPE, layouts $layouts (at most $limit s)"
   # shellcheck disable=SC2086  # layouts is a list
@@ -94,9 +95,11 @@ done
 
 for shape in $SHAPES; do
   case $shape in
-    4b) limit=80; requests=${REQUESTS:-4}; variants=${VARIANTS:-"padded packed packed/flex fp8/padded"} ;;
-    *) limit=110; requests=${REQUESTS:-8}
-       variants=${VARIANTS:-"padded packed packed/flex padded/compile padded/graphs fp8/padded int8/padded"} ;;
+    # every variant on both shapes; the 4B's slow compiles last, so that a step cut short loses them first
+    4b) limit=120; requests=${REQUESTS:-4}
+        variants=${VARIANTS:-"padded packed packed/flex cascade fp8/padded int8/padded padded/graphs padded/compile"} ;;
+    *) limit=100; requests=${REQUESTS:-8}
+       variants=${VARIANTS:-"padded packed packed/flex cascade padded/compile padded/graphs fp8/padded int8/padded"} ;;
   esac
   budgets=$([ "$BUDGET" = 0 ] && echo 32768 || echo "$BUDGET")
   step "layouts and options, $shape shape, $DTYPE against fp32: $variants (at most $limit s)"

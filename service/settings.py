@@ -49,9 +49,10 @@ class Settings:
     )
     layout: str = _setting(
         "auto",
-        "how the documents of one query run: padded (the query's keys and values copied to each document's row) "
-        "or packed (documents back to back behind one copy of the query); auto: the layout measured fastest "
-        "on the device (padded on CPU and CUDA so far)",
+        "how the documents of one query run: padded (the query's keys and values copied to each document's row), "
+        "packed (documents back to back behind one copy of the query) or cascade (the query's keys and values "
+        "used in place, never copied; FlexAttention, for CUDA, with attn_implementation sdpa); auto: the layout "
+        "measured fastest on the device (padded on CPU and CUDA so far)",
         choices=("auto", *LAYOUTS),
     )
     torch_compile: str = _setting(
@@ -209,6 +210,8 @@ class Settings:
         for name in ("max_wait_ms", "grace_period_s", "batch_timeout_s", "http_default_timeout_s"):
             if not getattr(self, name) >= 0:
                 yield f"{name} must be >= 0, got {getattr(self, name)}"
+        if self.layout == "cascade" and self.attn_implementation != "sdpa":
+            yield f"layout cascade runs with attn_implementation sdpa, not {self.attn_implementation}"
         if bool(self.tls_cert) != bool(self.tls_key):
             yield "tls_cert and tls_key go together"
         if self.tls_client_ca and not self.tls_cert:

@@ -47,7 +47,7 @@ def test_cuda_precisions_against_cpu_fp32(tiny_model, cpu_fp32, precision):
         assert rho >= least_spearman and error <= most_error
 
 
-@pytest.mark.parametrize("variant", ["padded", "packed", "packed/flex_attention"])
+@pytest.mark.parametrize("variant", ["padded", "packed", "packed/flex_attention", "cascade"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cuda_layouts_against_cpu_fp32(tiny_model, cpu_fp32, variant, precision):
     """Every layout on CUDA, with SDPA's CUDA kernels and with FlexAttention: the CPU's fp32 scores."""

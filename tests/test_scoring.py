@@ -8,11 +8,11 @@ from array import array
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.doubles import out_of_memory_above
 from tests.pairs import encode, run
 from tests.reference import Recipe
+from tests.shapes import ShapesMade
 from tests.texts import DOCUMENTS, INSTRUCTIONS, QUERIES
 from workers.layout import LAYOUTS
 from workers.prompt import EncodedPair
@@ -135,33 +135,19 @@ def test_bad_shared_lengths_are_refused(fp32):
         fp32.score(ScoreBatch.from_pairs(0, [EncodedPair(array("i", [5, 6, 7]), False, 3)]))
 
 
-class _LargestOutput(TorchDispatchMode):
-    """Records the widest last dimension of any tensor an op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.widest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(tensor, torch.Tensor) and tensor.dim():
-                self.widest = max(self.widest, tensor.shape[-1])
-        return out
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_no_vocabulary_sized_logits(tiny_model, layout):
     scorer = load_scorer(str(tiny_model), "cpu", "fp32", layout=layout)
     encoded = encode(tiny_model, [(QUERIES[0], d) for d in DOCUMENTS[:4]])  # shared heads: the layout runs
-    with _LargestOutput() as recorder:
+    with ShapesMade() as made:
         run(scorer, encoded)
-    assert 0 < recorder.widest < scorer.vocab_size, "a vocabulary-wide tensor was computed"
+    widest = max(shape[-1] for shape in made.shapes if shape)
+    assert 0 < widest < scorer.vocab_size, "a vocabulary-wide tensor was computed"
     # the control: the recipe's forward does produce one
     recipe = Recipe(tiny_model)
-    with _LargestOutput() as control, torch.no_grad():
+    with ShapesMade() as control, torch.no_grad():
         recipe.model(**recipe.process_inputs(["x"]))
-    assert control.widest == scorer.vocab_size
+    assert max(shape[-1] for shape in control.shapes if shape) == scorer.vocab_size
 
 
 def test_out_of_memory_splits_the_batch(tiny_model, fp32):

@@ -60,12 +60,21 @@ def test_tokens_only_from_the_environment_and_never_in_the_summary():
             "max_batch_tokens (100) must hold one pair of max_length (8192)",
         ),
         (["--model", "m", "--max-batch-tokens", "-1"], {}, "max_batch_tokens must be 0 (per device) or at least"),
-        (["--model", "m"], {"RERANKER_LAYOUT": "tree"}, "RERANKER_LAYOUT='tree'; choose one of auto, padded, packed"),
+        (
+            ["--model", "m"],
+            {"RERANKER_LAYOUT": "tree"},
+            "RERANKER_LAYOUT='tree'; choose one of auto, padded, packed, cascade",
+        ),
         (["--model", "m", "--workers-per-device", "0"], {}, "workers_per_device must be at least 1"),
         (["--model", "m", "--tls-cert", "c"], {}, "tls_cert and tls_key go together"),
         (["--model", "m", "--max-queue-pairs", "10"], {}, "max_queue_pairs (10) must hold one full request"),
         (["--model", "m"], {"RERANKER_MAX_LENGTH": "lots"}, "RERANKER_MAX_LENGTH='lots' is not a valid int"),
         (["--model", "m"], {"RERANKER_DTYPE": "int4"}, "RERANKER_DTYPE='int4'; choose one of auto, fp32"),
+        (
+            ["--model", "m", "--layout", "cascade", "--attn-implementation", "eager"],
+            {},
+            "layout cascade runs with attn_implementation sdpa, not eager",
+        ),
     ],
 )
 def test_bad_values_are_named(argv, environ, message):

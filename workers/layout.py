@@ -6,21 +6,25 @@ validates names).
           each document padded to the longest (workers/scoring.py)
   packed  packed rows: the head once per row, documents back to back behind it,
           an attention mask keeping them apart (workers/packing.py)
+  cascade the head's keys and values computed once and used in place, never
+          copied: each row's attention to its head and to itself merged by their
+          log-sum-exp (workers/cascade.py; FlexAttention, compiled on CUDA)
 
-Both give the same scores (tests/test_row_layouts.py). `auto` takes, per device,
+All give the same scores (tests/test_row_layouts.py). `auto` takes, per device,
 the layout bench/layouts.py measured fastest there; a layout never measured on
 a device is never its default. The figures are in BENCHMARKS.md ("Layouts").
 """
 
 from __future__ import annotations
 
-LAYOUTS = ("padded", "packed")
+LAYOUTS = ("padded", "packed", "cascade")
 
 # auto, per device type. CPU (2 cores, the cpu shape, workload a; issue 11 and
 # BENCHMARKS.md): packed rows of <= 1,024 tokens 29.5-32.5 pairs/s, padded at
 # 2,048-token batches 32.1-32.8: even, so the present path stays. CUDA: only
-# `padded` has been measured; packed (dense mask or FlexAttention) waits for
-# bench/gpu_check.sh.
+# `padded` has been measured; packed (dense mask or FlexAttention) and cascade
+# wait for bench/gpu_check.sh. On the CPU, cascade runs FlexAttention unfused:
+# exact, for the tests, and slower than padded.
 DEFAULTS = {"cpu": "padded", "cuda": "padded"}
 
 # A packed row holds at most this many tokens (more when one head + document is

@@ -17,15 +17,18 @@ values are computed once, copied to each row, and only the rest of every row
 leading tokens each row may share; rows are grouped here by those tokens'
 content, so sharing never depends on where the rows came from.
 
-That is the `padded` layout. The `packed` layout (workers/packing.py) lays the
-same groups into packed rows instead: each head once per row, its documents
-back to back behind it, an attention mask keeping them apart. Which layout
-runs is the worker's choice (workers/layout.py); both give the same scores.
+That is the `padded` layout. The `cascade` layout (workers/cascade.py) does
+the same without the copy: each row attends to its group's head where it lies.
+The `packed` layout (workers/packing.py) lays the same groups into packed rows
+instead: each head once per row, its documents back to back behind it, an
+attention mask keeping them apart. Which layout runs is the worker's choice
+(workers/layout.py); all give the same scores.
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -35,6 +38,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache, PreTrainedModel
 
+from workers import cascade
 from workers.layout import COMPILE_MODES, PACKED_ROW_TOKENS, resolve_layout
 from workers.packing import Segment, pack
 from workers.precision import resolve_precision
@@ -61,7 +65,7 @@ class Scorer:
     precision: str
     memory_bytes: int
     vocab_size: int
-    layout: str = "padded"  # how rows that share a head run: "padded" or "packed" (workers/layout.py)
+    layout: str = "padded"  # how rows that share a head run: "padded", "packed" or "cascade" (workers/layout.py)
     packed_row_tokens: int = PACKED_ROW_TOKENS  # the packed layout's row length, unless a pair is longer
     width_multiple: int = 1  # rows are padded to a multiple of this many tokens (see `compile`)
     # The backbone's name for the key/value cache argument (`cache` from transformers 5.24).
@@ -158,10 +162,11 @@ class Scorer:
 
     def _forward_sharing(self, groups: list[list[_Row]]) -> torch.Tensor:
         """Logits of the groups' rows, group after group. Each group's prefix
-        runs once; its keys and values are copied to the group's rows, and the
-        rest of each row runs after them with explicit positions. Prefixes and
-        rests are both padded on the right, so a row's keys may have a masked
-        gap between its prefix and its rest."""
+        runs once; the rest of each row runs after it with explicit positions,
+        seeing the prefix's keys and values: copied into every row of the group
+        (padded layout), or in place (cascade layout, workers/cascade.py).
+        Prefixes and rests are both padded on the right, so a padded-layout row's
+        keys may have a masked gap between its prefix and its rest."""
         rows = [row for group in groups for row in group]
         prefix_ids, prefix_mask, _ = _pad_right(
             [group[0].tokens[: group[0].shared] for group in groups], self.width_multiple
@@ -173,14 +178,27 @@ class Scorer:
             use_cache=True,
             **{self._cache_keyword: cache},
         )
-        which = torch.tensor([number for number, group in enumerate(groups) for _ in group])
-        cache.batch_select_indices(which.to(self.device))
         rest_ids, rest_mask, lengths = _pad_right([row.tokens[row.shared :] for row in rows], self.width_multiple)
         starts = torch.tensor([row.shared for row in rows])
+        positions = self._put(starts[:, None] + torch.arange(rest_ids.shape[1]))
+        if self.layout == "cascade":
+            ends = list(itertools.accumulate(len(group) for group in groups))
+            heads = cascade.Heads(
+                cache,
+                [group[0].shared for group in groups],
+                list(itertools.pairwise([0, *ends])),
+                cascade.causal_mask(rest_ids.shape[1], self.device),
+            )
+            hidden = self.backbone(
+                input_ids=self._put(rest_ids), position_ids=positions, use_cache=False, cascade_heads=heads
+            ).last_hidden_state
+            return self._answer(hidden, lengths)
+        which = torch.tensor([number for number, group in enumerate(groups) for _ in group])
+        cache.batch_select_indices(which.to(self.device))
         hidden = self.backbone(
             input_ids=self._put(rest_ids),
             attention_mask=self._put(torch.cat([prefix_mask[which], rest_mask], dim=1)),
-            position_ids=self._put(starts[:, None] + torch.arange(rest_ids.shape[1])),
+            position_ids=positions,
             use_cache=True,
             **{self._cache_keyword: cache},
         ).last_hidden_state
@@ -326,6 +344,8 @@ def scorer_from_model(
     model: PreTrainedModel, answer_ids: tuple[int, int], precision: str, layout: str = "padded"
 ) -> Scorer:
     """Take a loaded causal LM apart into what scoring needs; the full output head is let go."""
+    if layout == "cascade":
+        cascade.install(model)
     head = model.get_output_embeddings()
     if not head.weight.dtype.is_floating_point:
         raise ValueError(f"the output head was quantized ({head.weight.dtype}); it must stay in full precision")
