@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -173,10 +174,36 @@ def alive(pid: int) -> bool:
         return False
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A loopback port nobody listens on, for a server to bind later: from below the
+    kernel's ephemeral range, and never the same twice in this process. (A port the
+    kernel picks for a bind to 0 is an ephemeral one, which any outgoing connection
+    may take as its source port before the server binds it: a busy test run did.)"""
+    low = _ephemeral_ports_start()
+    candidates = list(range(max(1024, low - 10_000), low))
+    random.shuffle(candidates)
+    for port in candidates:
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port in {max(1024, low - 10_000)}..{low - 1}")
+
+
+def _ephemeral_ports_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            return int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def start_server(
