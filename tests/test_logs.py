@@ -5,6 +5,7 @@ the level filter applied to both, tracebacks as a field."""
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -33,7 +34,12 @@ EMIT = textwrap.dedent(
 
 def emit(log_format: str, level: str) -> list[str]:
     done = subprocess.run(
-        [sys.executable, "-c", EMIT, log_format, level], capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-c", EMIT, log_format, level],
+        cwd=pathlib.Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     assert done.stdout == ""
     return done.stderr.splitlines()
