@@ -6,6 +6,7 @@ asked, and it is stopped the way an orchestrator stops it (SIGTERM)."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import random
@@ -249,7 +250,13 @@ def start_server(
             server.lines.append(record)
 
     threading.Thread(target=pump, daemon=True).start()
-    server.wait_for_event("listening")
-    if wait:
-        server.wait_serving()
+    try:
+        server.wait_for_event("listening")
+        if wait:
+            server.wait_serving()
+    except BaseException:
+        # A server that did not come up in time is not left running (with its workers) behind the error.
+        with contextlib.suppress(AssertionError):
+            server.stop()
+        raise
     return server
