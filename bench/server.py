@@ -184,7 +184,8 @@ def free_port() -> int:
     kernel picks for a bind to 0 is an ephemeral one, which any outgoing connection
     may take as its source port before the server binds it: a busy test run did.)"""
     low = _ephemeral_ports_start()
-    candidates = list(range(max(1024, low - 10_000), low))
+    first = max(1024, low - 10_000)
+    candidates = list(range(first, low))
     random.shuffle(candidates)
     for port in candidates:
         if port in _HANDED_OUT:
@@ -196,7 +197,7 @@ def free_port() -> int:
                 continue
         _HANDED_OUT.add(port)
         return port
-    raise RuntimeError(f"no free port in {max(1024, low - 10_000)}..{low - 1}")
+    raise RuntimeError(f"no free port in {first}..{low - 1}")
 
 
 def _ephemeral_ports_start() -> int:
