@@ -422,6 +422,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the engine's and the service's layout (default: auto, the service's default for --device)",
     )
     parser.add_argument(
+        "--head-cache-bytes",
+        type=int,
+        default=defaults["head_cache_bytes"],
+        help="the engine's and the service's head cache (default -1: the service's default for --device)",
+    )
+    parser.add_argument(
         "--repeat", type=int, default=1, help="rounds of every contender; ratios are reported as medians with spread"
     )
     parser.add_argument("--max-batch-size", type=int, default=defaults["max_batch_size"])
@@ -461,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for precision in args.dtype:
             setup = Setup(model_dir, precision, args.device, args.threads, args.batch_size, args.max_length,
                           args.max_batch_tokens, args.max_batch_size, args.min_padding_efficiency,
-                          classifier_dir, args.layout)  # fmt: skip
+                          classifier_dir, args.layout, args.head_cache_bytes)  # fmt: skip
             peak = matmul_peak(args.device, precision)
             rounds = [
                 compare_precision(setup, workload, card_requests, args.contenders, f"(round {n + 1}/{args.repeat}) ")
@@ -484,6 +490,9 @@ def describe(
 ) -> dict:
     """The report's head: what ran, where, on what; figures go under "precisions"."""
     pairs = [n for request in lengths for n in request]
+    defaults = Settings(
+        model=args.model or "random", max_length=args.max_length, head_cache_bytes=args.head_cache_bytes
+    )
     return {
         "model": args.model or f"random {args.shape}",
         "non_embedding_parameters": cost.non_embedding_parameters,
@@ -506,9 +515,9 @@ def describe(
         },
         "settings": {
             **{k: getattr(args, k) for k in ("batch_size", "max_length", "max_batch_size", "min_padding_efficiency")},
-            "max_batch_tokens": args.max_batch_tokens
-            or Settings(model=args.model or "random", max_length=args.max_length).batch_tokens(args.device),
+            "max_batch_tokens": args.max_batch_tokens or defaults.batch_tokens(args.device),
             "layout": resolve_layout(args.layout, args.device),
+            "head_cache_bytes": defaults.head_cache(args.device),
             "repeat": args.repeat,
         },
         "precisions": {},

@@ -58,6 +58,7 @@ class Setup:
     min_padding_efficiency: float
     classifier_dir: str = ""  # the sequence-classification copy, for sentence-transformers
     layout: str = "auto"  # workers.layout, for the engine and the service
+    head_cache_bytes: int = -1  # the worker's head cache, for the engine and the service (-1: the device's)
 
 
 @dataclass
@@ -211,9 +212,15 @@ class EngineReranker:
         from workers.prompt import PromptEncoder
         from workers.scoring import load_scorer
 
-        self.scorer = load_scorer(setup.model_dir, setup.device, setup.precision, layout=setup.layout)
-        # The service's budget: the given one, or its default for the device.
-        defaults = Settings(model=setup.model_dir, max_length=setup.max_length)
+        # The service's budget and head cache: the given ones, or its defaults for the device.
+        defaults = Settings(model=setup.model_dir, max_length=setup.max_length, head_cache_bytes=setup.head_cache_bytes)
+        self.scorer = load_scorer(
+            setup.model_dir,
+            setup.device,
+            setup.precision,
+            layout=setup.layout,
+            head_cache_bytes=defaults.head_cache(setup.device),
+        )
         self.budget = setup.max_batch_tokens or defaults.batch_tokens(setup.device)
         self.encoder = PromptEncoder(
             Tokenizer.from_file(str(pathlib.Path(setup.model_dir) / "tokenizer.json")), setup.max_length
@@ -346,6 +353,7 @@ def run_service(setup: Setup, requests: Sequence[Request], clients: int) -> Run:
         "--cpu-threads", str(setup.threads), "--max-length", str(setup.max_length),
         "--max-batch-tokens", str(setup.max_batch_tokens), "--max-batch-size", str(setup.max_batch_size),
         "--min-padding-efficiency", str(setup.min_padding_efficiency), "--layout", setup.layout,
+        "--head-cache-bytes", str(setup.head_cache_bytes),
         "--score-cache-bytes", "0",  # every contender computes every pair, the warm-up's included
     )  # fmt: skip
     try:

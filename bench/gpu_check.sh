@@ -97,9 +97,9 @@ for shape in $SHAPES; do
   case $shape in
     # every variant on both shapes; the 4B's slow compiles last, so that a step cut short loses them first
     4b) limit=120; requests=${REQUESTS:-4}
-        variants=${VARIANTS:-"padded packed packed/flex cascade fp8/padded int8/padded padded/graphs padded/compile"} ;;
+        variants=${VARIANTS:-"padded padded/heads packed packed/flex cascade fp8/padded int8/padded padded/graphs padded/compile"} ;;
     *) limit=100; requests=${REQUESTS:-8}
-       variants=${VARIANTS:-"padded packed packed/flex cascade padded/compile padded/graphs fp8/padded int8/padded"} ;;
+       variants=${VARIANTS:-"padded padded/heads packed packed/flex cascade padded/compile padded/graphs fp8/padded int8/padded"} ;;
   esac
   budgets=$([ "$BUDGET" = 0 ] && echo 32768 || echo "$BUDGET")
   step "layouts and options, $shape shape, $DTYPE against fp32: $variants (at most $limit s)"

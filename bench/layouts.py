@@ -1,6 +1,7 @@
 """Layouts and options side by side, in process, on the same weights and requests:
 each worker layout (workers/layout.py) at each batch budget, and the options
-that are off until measured (FlexAttention, torch.compile, CUDA graphs, fp8),
+that are off until measured (FlexAttention, torch.compile, CUDA graphs, fp8,
+the head cache on CUDA),
 each with its largest logit difference from fp32 on the same weights.
 
 The scorer runs as the engine contender of bench/compare.py does: one request
@@ -13,8 +14,9 @@ reads the median of its rounds, with the spread.
 
 A variant is a layout and options joined by `/`: `padded`, `packed`,
 `packed/flex` (FlexAttention, CUDA only), `padded/compile` (torch.compile),
-`padded/graphs` (torch.compile with CUDA graphs), and a precision name to
-override --dtype (`fp8/padded`, `int8/padded`). The reference is fp32 with the
+`padded/graphs` (torch.compile with CUDA graphs), `padded/heads` (a 256 MiB
+head cache, workers/heads.py; without it no head is kept), and a precision
+name to override --dtype (`fp8/padded`, `int8/padded`). The reference is fp32 with the
 padded layout on the same device, run first.
 
     python -m bench.layouts --shape cpu --budgets 2048 4096 --repeat 3    # this CPU
@@ -47,9 +49,15 @@ from workers.prompt import EncodedPair, PromptEncoder
 from workers.protocol import ScoreBatch
 from workers.scoring import Scorer, load_scorer
 
-OPTIONS = {"flex": ("attn", "flex_attention"), "eager": ("attn", "eager"), "compile": ("compile", "default")}
-OPTIONS["graphs"] = ("compile", "reduce-overhead")
-assert {mode for kind, mode in OPTIONS.values() if kind == "compile"} <= set(COMPILE_MODES)
+# option name: (the Variant field it sets, its value)
+OPTIONS = {
+    "flex": ("attn", "flex_attention"),
+    "eager": ("attn", "eager"),
+    "compile": ("compile_mode", "default"),
+    "graphs": ("compile_mode", "reduce-overhead"),
+    "heads": ("head_cache_bytes", 256 * 2**20),
+}
+assert {value for field, value in OPTIONS.values() if field == "compile_mode"} <= set(COMPILE_MODES)
 
 
 @dataclass(frozen=True)
@@ -59,19 +67,20 @@ class Variant:
     precision: str
     attn: str = "sdpa"
     compile_mode: str = "off"
+    head_cache_bytes: int = 0
 
     @classmethod
     def parse(cls, text: str, precision: str) -> Variant:
         """`layout[/option...]`, options from OPTIONS or a precision name."""
-        fields = {"layout": "padded", "precision": precision}
+        fields: dict = {"layout": "padded", "precision": precision}
         for part in text.split("/"):
             if part in LAYOUTS:
                 fields["layout"] = part
             elif part in PRECISIONS:
                 fields["precision"] = part
             elif part in OPTIONS:
-                kind, value = OPTIONS[part]
-                fields["attn" if kind == "attn" else "compile_mode"] = value
+                name, value = OPTIONS[part]
+                fields[name] = value
             else:
                 raise ValueError(f"unknown part {part!r} of variant {text!r}")
         return cls(text, **fields)
@@ -98,9 +107,18 @@ def measure(
     if sync:
         torch.cuda.reset_peak_memory_stats()
     with Stopwatch(sync) as warm:
-        scorer = load_scorer(model_dir, device, variant.precision, variant.attn, variant.layout, variant.compile_mode)
+        scorer = load_scorer(
+            model_dir,
+            device,
+            variant.precision,
+            variant.attn,
+            variant.layout,
+            variant.compile_mode,
+            variant.head_cache_bytes,
+        )
         scorer.warm_up(max(pair.length for pairs in requests for pair in pairs), budget)
         score_requests(scorer, requests[:1], budget, rows)
+        scorer.heads.clear()  # the timed pass computes every request's head at least once
     counter = TokenCounter(scorer.embeddings)
     with Stopwatch(sync) as timed:
         logits = score_requests(scorer, requests, budget, rows)

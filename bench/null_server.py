@@ -22,6 +22,7 @@ from service.pool import ProcessLauncher
 from service.server import run
 from service.settings import add_arguments, build_settings
 from workers import process
+from workers.heads import HeadCache
 from workers.protocol import ScoreBatch
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ class NullScorer:
     precision: str = "none"
     memory_bytes: int = 0
     device: _Device = field(default_factory=_Device)
+    heads: HeadCache = field(default_factory=lambda: HeadCache(0))  # never looked up
 
     def score(self, batch: ScoreBatch) -> tuple[array, int]:
         return array("f", bytes(4 * len(batch.lengths))), 0
@@ -47,7 +49,7 @@ class NullScorer:
 
 def load(spec: process.WorkerSpec) -> process.Loaded:
     """A worker's `load`: no checkpoint, no warm-up; a token costs nothing."""
-    scorer = cast("Scorer", NullScorer())  # duck-typed: the loop calls score and reads three attributes
+    scorer = cast("Scorer", NullScorer())  # duck-typed: the loop calls score and reads four attributes
     return process.Loaded(scorer, budget=0, seconds_per_token=0.0, seconds=0.0)
 
 

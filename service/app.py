@@ -203,7 +203,14 @@ def build(settings: Settings, launcher: Launcher | None = None) -> App:
     )
     specs = worker_specs(base, devices, settings.workers_per_device, settings.cpu_threads)
     pool = WorkerPool(
-        [replace(spec, max_batch_tokens=settings.batch_tokens(spec.device)) for spec in specs],
+        [
+            replace(
+                spec,
+                max_batch_tokens=settings.batch_tokens(spec.device),
+                head_cache_bytes=settings.head_cache(spec.device),
+            )
+            for spec in specs
+        ],
         metrics,
         batches_in_flight=settings.batches_in_flight,
         batch_timeout_s=settings.batch_timeout_s,

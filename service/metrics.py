@@ -64,6 +64,12 @@ class Metrics:
             ["worker"],
             registry=r,
         )
+        self.head_cache_lookups = Counter(
+            "reranker_worker_head_cache_lookups_total",
+            "A batch's query heads read from the worker's head cache (result=hit) or computed (result=miss).",
+            ["worker", "result"],
+            registry=r,
+        )
         self.worker_ready = Gauge(
             "reranker_worker_ready",
             "1 when the worker has loaded and warmed up, else 0.",

@@ -289,6 +289,8 @@ class WorkerPool:
 
     def _scored(self, worker: Worker, batch: Batch, message: protocol.BatchScores) -> None:
         self._metrics.compute_seconds.labels(worker.name).inc(message.compute_seconds)
+        self._metrics.head_cache_lookups.labels(worker.name, "hit").inc(message.head_hits)
+        self._metrics.head_cache_lookups.labels(worker.name, "miss").inc(message.head_misses)
         if message.token_budget:
             self._lower_budget(worker, message.token_budget)
         measured = message.compute_seconds / max(1, batch.padded_tokens)
@@ -315,6 +317,7 @@ class WorkerPool:
             memory_bytes=message.memory_bytes,
             load_seconds=round(message.load_seconds, 2),
             max_batch_tokens=worker.token_budget,
+            head_cache_bytes=worker.spec.head_cache_bytes,
         )
         if self.ready_count == len(self.workers) and not self._first_load.done():
             self._first_load.set_result(None)

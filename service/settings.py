@@ -26,6 +26,12 @@ ENV_PREFIX = "RERANKER_"
 # batches, and 32,768 is what every GPU figure so far was measured with.
 CPU_BATCH_TOKENS = 2048
 CUDA_BATCH_TOKENS = 32768
+# head_cache_bytes -1 (the default) picks these per device. On this project's
+# 2-core CPU, in process, workload a, keeping heads scored 1.11x the pairs/s of
+# computing each batch's heads (BENCHMARKS.md, "The head cache"); it holds 17 heads
+# of 66 tokens of the 0.6B in fp32. Never measured on a GPU: off there until it is.
+CPU_HEAD_CACHE_BYTES = 256 * 1024 * 1024
+CUDA_HEAD_CACHE_BYTES = 0
 
 
 def _setting(default, help: str, **extra):
@@ -128,6 +134,12 @@ class Settings:
         "memory for cached results, least recently used dropped first (about 512 bytes a document, whatever its "
         "length); 0 turns the cache and single flight off",
     )
+    head_cache_bytes: int = _setting(
+        -1,
+        "memory per worker for the keys and values of recent queries (system prompt, instruction and query), so "
+        "that a request scored in several batches computes its query once; -1: per device, "
+        f"{CPU_HEAD_CACHE_BYTES // 2**20} MiB on a CPU and off on CUDA (not yet measured there); 0: off",
+    )
     # Lifecycle
     grace_period_s: float = _setting(30.0, "on SIGTERM, how long calls in flight may take to finish")
     batch_timeout_s: float = _setting(
@@ -205,6 +217,8 @@ class Settings:
             yield f"chunk_overlap_tokens must be >= 0, got {self.chunk_overlap_tokens}"
         if self.score_cache_bytes and self.score_cache_bytes < 1024:
             yield f"score_cache_bytes must be 0 (off) or at least 1024 (two entries), got {self.score_cache_bytes}"
+        if self.head_cache_bytes < -1:
+            yield f"head_cache_bytes must be -1 (per device), 0 (off) or a byte count, got {self.head_cache_bytes}"
         if not 0 <= self.min_padding_efficiency <= 1:
             yield f"min_padding_efficiency must lie in [0, 1], got {self.min_padding_efficiency}"
         for name in ("max_wait_ms", "grace_period_s", "batch_timeout_s", "http_default_timeout_s"):
@@ -227,6 +241,13 @@ class Settings:
         if device.startswith("cuda"):
             return max(CUDA_BATCH_TOKENS, self.max_length)
         return CPU_BATCH_TOKENS
+
+    def head_cache(self, device: str) -> int:
+        """The bytes of heads a worker on `device` keeps: head_cache_bytes, or
+        when that is -1 the device's default."""
+        if self.head_cache_bytes >= 0:
+            return self.head_cache_bytes
+        return CUDA_HEAD_CACHE_BYTES if device.startswith("cuda") else CPU_HEAD_CACHE_BYTES
 
     def tokenizers(self) -> int:
         """How many tokenizer processes: tokenizer_processes, or when that is 0 one

@@ -1,7 +1,7 @@
 """The Prometheus metrics of a fresh server after a known amount of traffic:
 every counter moved by exactly what the traffic caused, the histograms agree
-with the counters, the score cache counts its one repeat, and the worker
-gauges describe the one worker."""
+with the counters, the score cache counts its one repeat, the worker's head
+cache its reuse, and the worker gauges describe the one worker."""
 
 from __future__ import annotations
 
@@ -90,6 +90,13 @@ def test_metrics_count_exactly_the_traffic(server_factory, tiny_model):
     assert m("reranker_worker_token_budget", worker="0") > 0
     assert m("reranker_worker_compute_seconds_total", worker="0") > 0
     assert m("reranker_worker_restarts_total") == 0
+
+    # The head cache (on by default on a CPU): three queries, each head computed at most once, and the
+    # first query's head read again by its later calls' batches.
+    hits = m("reranker_worker_head_cache_lookups_total", worker="0", result="hit")
+    misses = m("reranker_worker_head_cache_lookups_total", worker="0", result="miss")
+    assert 1 <= misses <= 3 and hits >= 1
+    assert hits + misses <= batches
 
 
 def test_metrics_listen_where_they_are_told(server_factory, tiny_model):

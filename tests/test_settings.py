@@ -9,7 +9,9 @@ import pytest
 
 from service.settings import (
     CPU_BATCH_TOKENS,
+    CPU_HEAD_CACHE_BYTES,
     CUDA_BATCH_TOKENS,
+    CUDA_HEAD_CACHE_BYTES,
     Settings,
     add_arguments,
     build_settings,
@@ -66,6 +68,11 @@ def test_tokens_only_from_the_environment_and_never_in_the_summary():
             "RERANKER_LAYOUT='tree'; choose one of auto, padded, packed, cascade",
         ),
         (["--model", "m", "--workers-per-device", "0"], {}, "workers_per_device must be at least 1"),
+        (
+            ["--model", "m", "--head-cache-bytes", "-2"],
+            {},
+            "head_cache_bytes must be -1 (per device), 0 (off) or a byte count, got -2",
+        ),
         (["--model", "m", "--tls-cert", "c"], {}, "tls_cert and tls_key go together"),
         (["--model", "m", "--max-queue-pairs", "10"], {}, "max_queue_pairs (10) must hold one full request"),
         (["--model", "m"], {"RERANKER_MAX_LENGTH": "lots"}, "RERANKER_MAX_LENGTH='lots' is not a valid int"),
@@ -117,3 +124,13 @@ def test_the_batch_budget_is_per_device_unless_given():
     assert parse(["--model", "m", "--max-length", "40960"]).batch_tokens("cuda:1") == 40960
     given = parse(["--model", "m", "--max-batch-tokens", "9000"])
     assert given.batch_tokens("cpu") == given.batch_tokens("cuda:0") == 9000
+
+
+def test_the_head_cache_is_per_device_unless_given():
+    settings = parse(["--model", "m"])
+    assert settings.head_cache_bytes == -1
+    assert settings.head_cache("cpu") == CPU_HEAD_CACHE_BYTES > 0
+    assert settings.head_cache("cuda:0") == CUDA_HEAD_CACHE_BYTES == 0  # never measured on a GPU: off
+    given = parse(["--model", "m"], {"RERANKER_HEAD_CACHE_BYTES": "1000000"})
+    assert given.head_cache("cpu") == given.head_cache("cuda:1") == 1_000_000
+    assert parse(["--model", "m", "--head-cache-bytes", "0"]).head_cache("cpu") == 0

@@ -107,7 +107,7 @@ def test_wire_format_round_trips():
     )
     assert protocol.decode(batch.encode()) == batch
     assert list(protocol.decode(batch.encode()).shared) == [2, 0]
-    scores = protocol.BatchScores(9, array("f", [0.5, -1.25]), 0.125, 4096)
+    scores = protocol.BatchScores(9, array("f", [0.5, -1.25]), 0.125, 4096, 3, 1)
     assert protocol.decode(scores.encode()) == scores
     failed = protocol.BatchFailed(9, protocol.Failure.OUT_OF_MEMORY, "no room ✓")
     assert protocol.decode(failed.encode()) == failed

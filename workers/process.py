@@ -47,6 +47,7 @@ class WorkerSpec:
     parent_pid: int
     layout: str = "auto"  # workers.layout: how rows that share a head run; auto resolves per device
     compile_mode: str = "off"  # workers.layout.COMPILE_MODES
+    head_cache_bytes: int = 0  # recent heads kept for later batches (workers/heads.py); 0: none
 
 
 def run(sock: socket.socket, spec: WorkerSpec, load: Callable[[WorkerSpec], Loaded] | None = None) -> None:
@@ -100,7 +101,13 @@ def load_checkpoint(spec: WorkerSpec) -> Loaded:
         torch.set_num_interop_threads(1)
     start = time.perf_counter()
     scorer = load_scorer(
-        spec.model_path, spec.device, spec.precision, spec.attn_implementation, spec.layout, spec.compile_mode
+        spec.model_path,
+        spec.device,
+        spec.precision,
+        spec.attn_implementation,
+        spec.layout,
+        spec.compile_mode,
+        spec.head_cache_bytes,
     )
     budget, seconds_per_token = scorer.warm_up(spec.max_length, spec.max_batch_tokens)
     return Loaded(scorer, budget, seconds_per_token, time.perf_counter() - start)
@@ -136,6 +143,7 @@ def score(scorer: Scorer, batch: protocol.ScoreBatch, log) -> protocol.BatchScor
     import torch
 
     start = time.perf_counter()
+    hits, misses = scorer.heads.hits, scorer.heads.misses
     try:
         logits, budget = scorer.score(batch)
     except ValueError as exc:
@@ -144,7 +152,14 @@ def score(scorer: Scorer, batch: protocol.ScoreBatch, log) -> protocol.BatchScor
         return _failed(log, batch, protocol.Failure.OUT_OF_MEMORY, exc)
     except Exception as exc:
         return _failed(log, batch, protocol.Failure.INTERNAL, exc)
-    return protocol.BatchScores(batch.batch_id, array("f", logits.tolist()), time.perf_counter() - start, budget)
+    return protocol.BatchScores(
+        batch.batch_id,
+        array("f", logits.tolist()),
+        time.perf_counter() - start,
+        budget,
+        scorer.heads.hits - hits,
+        scorer.heads.misses - misses,
+    )
 
 
 def _failed(log, batch: protocol.ScoreBatch, failure: protocol.Failure, exc: Exception) -> protocol.BatchFailed:

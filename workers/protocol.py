@@ -108,20 +108,25 @@ class BatchScores:
     # Set when the worker had to split the batch after running out of memory:
     # the padded-token count that did fit, for the batcher to use from now on.
     token_budget: int = 0
+    # The batch's groups of rows whose head was read from the worker's head
+    # cache, and those whose head was computed (workers/heads.py).
+    head_hits: int = 0
+    head_misses: int = 0
 
-    _HEAD = struct.Struct("<BQdI")
+    _HEAD = struct.Struct("<BQdIII")
 
     def encode(self) -> bytes:
-        return (
-            self._HEAD.pack(Kind.SCORES, self.batch_id, self.compute_seconds, self.token_budget) + self.logits.tobytes()
+        head = self._HEAD.pack(
+            Kind.SCORES, self.batch_id, self.compute_seconds, self.token_budget, self.head_hits, self.head_misses
         )
+        return head + self.logits.tobytes()
 
     @classmethod
     def decode(cls, frame: bytes) -> BatchScores:
-        _, batch_id, seconds, budget = cls._HEAD.unpack_from(frame)
+        _, batch_id, seconds, budget, hits, misses = cls._HEAD.unpack_from(frame)
         logits = array("f")
         logits.frombytes(frame[cls._HEAD.size :])
-        return cls(batch_id, logits, seconds, budget)
+        return cls(batch_id, logits, seconds, budget, hits, misses)
 
 
 @dataclass(frozen=True)

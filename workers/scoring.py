@@ -13,9 +13,11 @@ when scored alone, and padding never changes a score.
 Rows that begin with the same tokens (the system prompt, instruction and query
 of one request: about a third of a typical pair) share them: their keys and
 values are computed once, copied to each row, and only the rest of every row
-(document and suffix) runs through the model. The front end says how many
-leading tokens each row may share; rows are grouped here by those tokens'
-content, so sharing never depends on where the rows came from.
+(document and suffix) runs through the model. A worker may keep recent heads
+for the next batches of the same request (workers/heads.py), which then skip
+the head altogether. The front end says how many leading tokens each row may
+share; rows are grouped here by those tokens' content, so sharing never
+depends on where the rows came from.
 
 That is the `padded` layout. The `cascade` layout (workers/cascade.py) does
 the same without the copy: each row attends to its group's head where it lies.
@@ -39,6 +41,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache, PreTrainedModel
 
 from workers import cascade
+from workers.heads import Head, HeadCache
 from workers.layout import COMPILE_MODES, PACKED_ROW_TOKENS, resolve_layout
 from workers.packing import Segment, pack
 from workers.precision import resolve_precision
@@ -68,6 +71,7 @@ class Scorer:
     layout: str = "padded"  # how rows that share a head run: "padded", "packed" or "cascade" (workers/layout.py)
     packed_row_tokens: int = PACKED_ROW_TOKENS  # the packed layout's row length, unless a pair is longer
     width_multiple: int = 1  # rows are padded to a multiple of this many tokens (see `compile`)
+    heads: HeadCache = field(default_factory=lambda: HeadCache(0))  # heads kept for later batches (workers/heads.py)
     # The backbone's name for the key/value cache argument (`cache` from transformers 5.24).
     _cache_keyword: str = field(init=False)
     # Whether attention runs through FlexAttention (packed rows then take a block mask).
@@ -90,8 +94,9 @@ class Scorer:
         """logit(yes) - logit(no) per row of `batch` (float32, on the CPU).
 
         `batch.shared[i]` leading tokens of row i may be computed once with
-        every other row that starts with the same tokens (0: none). If the
-        device runs out of memory the rows are split in halves and retried;
+        every other row that starts with the same tokens, or read from the
+        head cache (0: none). If the device runs out of memory the kept heads
+        are let go, and the rows are split in halves and retried;
         the second value is then the largest padded-token count that fitted
         (0 when no split was needed). Raises torch.OutOfMemoryError only when
         a single row does not fit, and ValueError for ids outside the
@@ -114,6 +119,7 @@ class Scorer:
             if len(rows) == 1:
                 raise
         # Out of the handler, the failed attempt's tensors are gone with its traceback.
+        self.heads.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         half = len(rows) // 2
@@ -126,8 +132,11 @@ class Scorer:
         for index, row in enumerate(rows):
             if row.shared:
                 groups.setdefault(row.key, []).append(index)
-        sharing = [members for members in groups.values() if len(members) > 1]
-        skipped = sum((len(members) - 1) * rows[members[0]].shared for members in sharing)
+        # A group shares when its head runs once for several rows, or not at all (kept from an earlier batch).
+        kept = {key for key in groups if key in self.heads}
+        shares = {key: members for key, members in groups.items() if len(members) > 1 or key in kept}
+        skipped = sum((len(members) - (key not in kept)) * rows[members[0]].shared for key, members in shares.items())
+        sharing = list(shares.values())
         if skipped < _MIN_SHARED_FRACTION * sum(len(row.tokens) for row in rows):
             sharing = []
         together = [index for members in sharing for index in members]
@@ -161,31 +170,24 @@ class Scorer:
         return self._answer(hidden, lengths)
 
     def _forward_sharing(self, groups: list[list[_Row]]) -> torch.Tensor:
-        """Logits of the groups' rows, group after group. Each group's prefix
-        runs once; the rest of each row runs after it with explicit positions,
-        seeing the prefix's keys and values: copied into every row of the group
-        (padded layout), or in place (cascade layout, workers/cascade.py).
-        Prefixes and rests are both padded on the right, so a padded-layout row's
-        keys may have a masked gap between its prefix and its rest."""
+        """Logits of the groups' rows, group after group. Each group's head is
+        read from the head cache or runs once (`_heads`); the rest of each row
+        runs after it with explicit positions, seeing the head's keys and
+        values: copied into every row of the group (padded layout), or in place
+        (cascade layout, workers/cascade.py). Heads and rests are both padded
+        on the right, so a padded-layout row's keys may have a masked gap
+        between its head and its rest."""
         rows = [row for group in groups for row in group]
-        prefix_ids, prefix_mask, _ = _pad_right(
-            [group[0].tokens[: group[0].shared] for group in groups], self.width_multiple
-        )
-        cache = DynamicCache(config=self.backbone.config)
-        self.backbone(
-            input_ids=self._put(prefix_ids),
-            attention_mask=self._put(prefix_mask),
-            use_cache=True,
-            **{self._cache_keyword: cache},
-        )
+        keys, values = self._heads(groups)
+        head_lengths = torch.tensor([group[0].shared for group in groups])
         rest_ids, rest_mask, lengths = _pad_right([row.tokens[row.shared :] for row in rows], self.width_multiple)
         starts = torch.tensor([row.shared for row in rows])
         positions = self._put(starts[:, None] + torch.arange(rest_ids.shape[1]))
         if self.layout == "cascade":
             ends = list(itertools.accumulate(len(group) for group in groups))
             heads = cascade.Heads(
-                cache,
-                [group[0].shared for group in groups],
+                self._cache(keys, values),
+                head_lengths.tolist(),
                 list(itertools.pairwise([0, *ends])),
                 cascade.causal_mask(rest_ids.shape[1], self.device),
             )
@@ -194,15 +196,52 @@ class Scorer:
             ).last_hidden_state
             return self._answer(hidden, lengths)
         which = torch.tensor([number for number, group in enumerate(groups) for _ in group])
+        cache = self._cache(keys, values)
         cache.batch_select_indices(which.to(self.device))
+        head_mask = (torch.arange(keys.shape[3]) < head_lengths[:, None]).long()
         hidden = self.backbone(
             input_ids=self._put(rest_ids),
-            attention_mask=self._put(torch.cat([prefix_mask[which], rest_mask], dim=1)),
+            attention_mask=self._put(torch.cat([head_mask[which], rest_mask], dim=1)),
             position_ids=positions,
             use_cache=True,
             **{self._cache_keyword: cache},
         ).last_hidden_state
         return self._answer(hidden, lengths)
+
+    def _heads(self, groups: list[list[_Row]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's keys and values of each group's head, (layers, groups,
+        kv heads, longest head, head dim) each, padded on the right: from the head
+        cache where it holds them, the others computed together and kept there."""
+        keys = [group[0].key for group in groups]
+        heads = [self.heads.get(key) for key in keys]
+        missing = [number for number, head in enumerate(heads) if head is None]
+        if missing:
+            ids, mask, _ = _pad_right(
+                [groups[number][0].tokens[: groups[number][0].shared] for number in missing], self.width_multiple
+            )
+            cache = DynamicCache(config=self.backbone.config)
+            self.backbone(
+                input_ids=self._put(ids), attention_mask=self._put(mask), use_cache=True, **{self._cache_keyword: cache}
+            )
+            layers: Any = cache.layers  # DynamicLayers: .keys, .values (rows, kv heads, tokens, head dim)
+            computed_keys = torch.stack([layer.keys for layer in layers])
+            computed_values = torch.stack([layer.values for layer in layers])
+            for slot, number in enumerate(missing):
+                length = groups[number][0].shared
+                head = Head(computed_keys[:, slot, :, :length], computed_values[:, slot, :, :length])
+                self.heads.put(keys[number], head)
+                heads[number] = head
+        stored = cast(list[Head], heads)
+        width = max(head.tokens for head in stored)
+        width += -width % self.width_multiple
+        return (
+            torch.stack([_pad_tokens(head.keys, width) for head in stored], dim=1),
+            torch.stack([_pad_tokens(head.values, width) for head in stored], dim=1),
+        )
+
+    def _cache(self, keys: torch.Tensor, values: torch.Tensor) -> DynamicCache:
+        """A key/value cache holding, per layer, `keys[layer]` and `values[layer]`."""
+        return DynamicCache(ddp_cache_data=zip(keys, values, strict=True), config=self.backbone.config)
 
     def _forward_packed(self, rows: list[_Row], sharing: list[list[int]], alone: list[int]) -> torch.Tensor:
         """Logits of all `rows` in packed rows: each sharing group a segment
@@ -254,18 +293,21 @@ class Scorer:
         the seconds per padded token the last warm-up batch took. Both batches
         run the shared-prefix path too: it holds every layer's keys and values
         at once, the most memory a batch can take."""
-        batch = _zeros([16, 16, 16], [8, 8, 0])
-        start = time.perf_counter()
-        self.score(batch)
-        seconds_per_token = (time.perf_counter() - start) / 48
-        if self.device.type != "cuda":
-            return 0, seconds_per_token
-        width = max(2, min(max_length, max_batch_tokens // 2))
-        rows = max_batch_tokens // width
-        start = time.perf_counter()
-        _, fitted = self.score(_zeros([width] * rows, [width // 2] * rows))
-        torch.cuda.synchronize(self.device)
-        return fitted, (time.perf_counter() - start) / (fitted or rows * width)
+        try:
+            batch = _zeros([16, 16, 16], [8, 8, 0])
+            start = time.perf_counter()
+            self.score(batch)
+            seconds_per_token = (time.perf_counter() - start) / 48
+            if self.device.type != "cuda":
+                return 0, seconds_per_token
+            width = max(2, min(max_length, max_batch_tokens // 2))
+            rows = max_batch_tokens // width
+            start = time.perf_counter()
+            _, fitted = self.score(_zeros([width] * rows, [width // 2] * rows))
+            torch.cuda.synchronize(self.device)
+            return fitted, (time.perf_counter() - start) / (fitted or rows * width)
+        finally:
+            self.heads.clear()  # the warm-up's heads of zeros are nobody's
 
 
 @dataclass
@@ -281,6 +323,11 @@ class _Row:
 def _zeros(lengths: list[int], shared: list[int]) -> ScoreBatch:
     """A batch of rows of token 0, for warming up."""
     return ScoreBatch(0, array("i", lengths), array("i", shared), array("i", bytes(4 * sum(lengths))))
+
+
+def _pad_tokens(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """(..., tokens, dim) padded with zeros to `width` tokens."""
+    return torch.nn.functional.pad(tensor, (0, 0, 0, width - tensor.shape[-2]))
 
 
 def _pad_right(rows: list[torch.Tensor], multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -299,10 +346,12 @@ def load_scorer(
     attn_implementation: str = "sdpa",
     layout: str = "auto",
     compile_mode: str = "off",
+    head_cache_bytes: int = 0,
 ) -> Scorer:
     """Load a checkpoint onto `device` in `precision` (a name from workers.precision,
     or auto), to run rows in `layout` (a name from workers.layout, or auto),
-    through torch.compile in `compile_mode` unless it is off."""
+    through torch.compile in `compile_mode` unless it is off, keeping up to
+    `head_cache_bytes` of recent heads for later batches (workers/heads.py)."""
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
@@ -327,6 +376,7 @@ def load_scorer(
         _to_fp8(model.get_decoder())
     answer_ids = answer_token_ids(Tokenizer.from_file(f"{path}/tokenizer.json"))
     scorer = scorer_from_model(model, answer_ids, precision, layout)
+    scorer.heads = HeadCache(head_cache_bytes)
     scorer.compile(compile_mode)
     return scorer
 
