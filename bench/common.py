@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import pathlib
 import random
 import time
@@ -193,6 +194,14 @@ def synthetic_requests(count: int, documents: int, seed: int = 0, mean_words: in
         (text(rng.randint(4, 12)), [text(int(rng.lognormvariate(0, 0.8) * mean_words)) for _ in range(documents)])
         for _ in range(count)
     ]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (not its children),
+    from /proc: in clock ticks (10 ms on Linux), so a short run may read 0."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Stopwatch:

@@ -51,11 +51,10 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from bench import workloads
-from bench.common import RESULTS, percentile
+from bench.common import RESULTS, cpu_seconds, percentile
 from bench.server import Server, start_server
 from workers.prompt import PromptEncoder
 
-TICKS = os.sysconf("SC_CLK_TCK")
 PAIR_TOKENS = (250, 350)  # the pairs' length, prompt included
 # Where a py-spy sample was taken: the first rule, from the innermost frame outwards, that a frame matches.
 BUCKETS = (
@@ -95,13 +94,6 @@ def documents_of_pair_length(tokenizer: Tokenizer) -> list[str]:
     if len(chosen) < 50:
         raise SystemExit(f"only {len(chosen)} docstrings make pairs of {low}-{high} tokens")
     return chosen
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 async def drive(

@@ -36,19 +36,12 @@ import aiohttp
 from tokenizers import Tokenizer
 
 from bench import workloads
-from bench.common import Stopwatch, percentile
+from bench.common import Stopwatch, cpu_seconds, percentile
 from bench.contenders import Run, drive
 from bench.server import start_server
 
 TIMEOUT_S = 300.0
 TRANSPORTS = ("grpc", "http")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process (not its children)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def drive_http(url: str, requests: Sequence[workloads.Request], clients: int) -> Run:
@@ -160,8 +153,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for transport in TRANSPORTS:
         report[transport] = summary(rounds[transport])
     report["http_over_grpc_pairs_per_s"] = report["http"]["pairs_per_s"] / report["grpc"]["pairs_per_s"]
+    # None when a run was too short for gRPC's front end to spend one clock tick (a tiny test run).
+    grpc_cpu = report["grpc"]["front_end_cpu_ms_per_request"]
     report["http_over_grpc_cpu_per_request"] = (
-        report["http"]["front_end_cpu_ms_per_request"] / report["grpc"]["front_end_cpu_ms_per_request"]
+        report["http"]["front_end_cpu_ms_per_request"] / grpc_cpu if grpc_cpu else None
     )
     print(json.dumps(report, indent=2))
     if args.json:

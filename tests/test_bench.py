@@ -113,6 +113,9 @@ def test_http_against_grpc_at_a_tiny_size(tiny_model, tmp_path):
     for transport in http_vs_grpc.TRANSPORTS:
         figures = report[transport]
         assert figures["pairs_per_s"] > 0 and figures["front_end_cpu_ms_per_request"] >= 0
+    # CPU time comes in clock ticks: four tiny requests may spend none, and then there is no ratio
+    ratio = report["http_over_grpc_cpu_per_request"]
+    assert (ratio is None) == (report["grpc"]["front_end_cpu_ms_per_request"] == 0)
     assert report["max_abs_logit_diff"] < 1e-3
 
 
