@@ -71,8 +71,8 @@ def test_a_cache_of_no_bytes_keeps_nothing_and_a_negative_one_is_refused():
 
 
 @functools.cache
-def expected_logits(model_dir, instruction, query, documents):
-    return [logit for _, logit in Recipe(model_dir).scores(instruction, query, list(documents))]
+def expected_logits(model_dir, instruction, query, documents, max_length=8192):
+    return [logit for _, logit in Recipe(model_dir, max_length=max_length).scores(instruction, query, list(documents))]
 
 
 class Computed:
@@ -129,12 +129,33 @@ def test_kept_and_new_heads_mix_in_one_batch(tiny_model, layout):
     batch = other[:1] + kept_alone + lone + other[1:]
     with Computed(scorer) as computed:
         logits = run(scorer, batch)
-    assert [logits[1], *logits[0:1], *logits[3:], logits[2]] == pytest.approx(expected, abs=1e-4)
+    assert [logits[i] for i in (1, 0, 3, 4, 2)] == pytest.approx(expected, abs=1e-4)
     rows = kept_alone + other
     rest = len(rows) * max(pair.length - pair.shared for pair in rows)
     assert computed.passes == [other[0].shared, rest, lone[0].length]  # only the new head; the lone row whole
     assert (scorer.heads.hits, scorer.heads.misses) == (1, 2)
     assert len(scorer.heads) == 2
+
+
+@pytest.mark.parametrize("max_length", [8192, 160])
+@pytest.mark.parametrize("layout", ["padded", "cascade"])
+def test_kept_heads_give_the_recipes_scores_on_every_awkward_case(tiny_model, layout, max_length):
+    """Three requests (default and custom instructions, three languages; empty
+    documents, and at 160 tokens truncated ones), each batch holding rows of all
+    three: the first batch computes the heads, the next two read them."""
+    encoded, expected = [], []
+    for instruction, query in zip(INSTRUCTIONS, QUERIES, strict=True):
+        encoded += encode(tiny_model, [(query, d) for d in DOCUMENTS], instruction or "", max_length)
+        expected += expected_logits(tiny_model, instruction, query, tuple(DOCUMENTS), max_length)
+    assert any(pair.truncated for pair in encoded) == (max_length == 160)
+    scorer = load_scorer(str(tiny_model), "cpu", "fp32", layout=layout, head_cache_bytes=ROOM)
+    logits = [0.0] * len(encoded)
+    for start in range(3):
+        rows = list(range(start, len(encoded), 3))
+        for row, logit in zip(rows, run(scorer, [encoded[row] for row in rows]), strict=True):
+            logits[row] = logit
+    assert logits == pytest.approx(expected, abs=1e-4)
+    assert (scorer.heads.hits, scorer.heads.misses) == (6, 3)
 
 
 def test_the_packed_layout_neither_reads_nor_fills_the_cache(tiny_model):
