@@ -27,9 +27,10 @@ ENV_PREFIX = "RERANKER_"
 CPU_BATCH_TOKENS = 2048
 CUDA_BATCH_TOKENS = 32768
 # head_cache_bytes -1 (the default) picks these per device. On this project's
-# 2-core CPU, in process, workload a, keeping heads scored 1.11x the pairs/s of
-# computing each batch's heads (BENCHMARKS.md, "The head cache"); it holds 17 heads
-# of 66 tokens of the 0.6B in fp32. Never measured on a GPU: off there until it is.
+# 2-core CPU, in process, workload a, keeping heads scored 1.10x the pairs/s of
+# computing each batch's heads (median of 5 rounds; BENCHMARKS.md, "The head
+# cache"); 256 MiB holds 17 heads of 66 tokens of the 0.6B in fp32. Never
+# measured on a GPU: off there until it is.
 CPU_HEAD_CACHE_BYTES = 256 * 1024 * 1024
 CUDA_HEAD_CACHE_BYTES = 0
 
