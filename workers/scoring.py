@@ -29,6 +29,7 @@ attention mask keeping them apart. Which layout runs is the worker's choice
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import time
@@ -315,8 +316,9 @@ class _Row:
     tokens: torch.Tensor
     shared: int
 
-    @property
+    @functools.cached_property
     def key(self) -> bytes:
+        """The shared head's tokens: how rows are grouped, and the head cache's key."""
         return self.tokens[: self.shared].numpy().tobytes()
 
 
